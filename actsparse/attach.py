@@ -1,0 +1,437 @@
+"""Attach penalties to the layers of any model with forward hooks, without touching its code.
+
+>>> reg = actsparse.attach(model, {"encoder.2": actsparse.BernoulliKL(0.05, weight=3.0)})
+>>> loss = criterion(model(x), x) + reg.penalty()
+
+What the hooks do, and why (each point is a pitfall of the hand-written hook in seed 004):
+
+* Each call of a target module reduces its output to a scalar penalty (plus a few ``(units,)``
+  statistics) *inside the hook*: no list of activation tensors is kept.
+* Each forward of the model starts a fresh capture, so nothing grows across iterations and
+  ``penalty()`` is always the penalty of the latest forward. A module called twice in one
+  forward contributes twice. If you call a submodule directly (not through ``model``), the first
+  hook to fire after ``penalty()`` was read starts the fresh capture instead.
+* Nothing is captured while gradients are disabled or the module is in eval mode, unless
+  ``capture="always"``.
+* Hooks are removed by :meth:`Attachment.remove`, or on leaving a ``with`` block even if
+  training raised.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .penalties import Penalty
+
+__all__ = ["attach", "regularize", "Attachment", "TargetStats", "find_targets"]
+
+Target = Union[str, type, nn.Module]
+Capture = Literal["train", "always"]
+
+#: Attribute under which :func:`regularize` stores a layer's declared penalty (Keras' name).
+REGULARIZER_ATTR = "activity_regularizer"
+
+
+def regularize(module: nn.Module, penalty: Penalty) -> nn.Module:
+    """Declare a penalty on ``module``'s output where the layer is built (Keras' habit).
+
+    ``nn.Sequential(actsparse.regularize(nn.Linear(20, 80), actsparse.L1(1e-3)), nn.ReLU())``
+
+    The penalty becomes the child module ``module.activity_regularizer`` (so it follows
+    ``.to()``, ``.train()``/``.eval()`` and ``state_dict`` with the model) and is collected by
+    :func:`attach` like any other target. Returns ``module`` itself, so its parameter names do
+    not change.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"regularize() takes an nn.Module, got {type(module).__name__}")
+    if not isinstance(penalty, Penalty):
+        raise TypeError(f"regularize() takes an actsparse Penalty, got {type(penalty).__name__}")
+    existing = getattr(module, REGULARIZER_ATTR, None)
+    if existing is not None and not isinstance(existing, Penalty):
+        raise ValueError(
+            f"{type(module).__name__} already has an attribute {REGULARIZER_ATTR!r} that is not "
+            "an actsparse Penalty"
+        )
+    if isinstance(existing, Penalty):
+        penalty = existing + penalty
+    module.add_module(REGULARIZER_ATTR, penalty)
+    return module
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, str):
+        return repr(target)
+    if isinstance(target, type):
+        return target.__name__
+    return f"module {type(target).__name__}"
+
+
+def find_targets(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+    """Resolve one target to ``[(qualified_name, module), ...]``.
+
+    A target is a qualified module name (``"encoder.2"``), a glob over names (``"*.act"``,
+    ``"enc*"``), a module class (``nn.ReLU``: every instance), or a module instance.
+
+    Raises:
+        KeyError: if nothing matches, listing the closest names.
+        TypeError: for any other kind of target.
+    """
+    named = [(n, m) for n, m in model.named_modules() if not isinstance(m, Penalty)]
+    if isinstance(target, str):
+        if any(ch in target for ch in "*?["):
+            found = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, target)]
+        else:
+            found = [(n, m) for n, m in named if n == target]
+        if not found:
+            names = [n for n, _ in named if n]
+            close = difflib.get_close_matches(target, names, n=5, cutoff=0.4)
+            hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
+            listing = ", ".join(repr(n) for n in names[:30]) + (" ..." if len(names) > 30 else "")
+            raise KeyError(f"no module named {target!r} in {type(model).__name__}.{hint} "
+                           f"Modules: {listing}")
+        return found
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        found = [(n, m) for n, m in named if isinstance(m, target)]
+        if not found:
+            types = sorted({type(m).__name__ for _, m in named})
+            raise KeyError(f"no module of type {target.__name__} in {type(model).__name__}; "
+                           f"it has: {', '.join(types)}")
+        return found
+    if isinstance(target, nn.Module):
+        found = [(n, m) for n, m in named if m is target]
+        if not found:
+            raise KeyError(f"module {type(target).__name__} is not part of {type(model).__name__}")
+        return found
+    raise TypeError(
+        "a target is a module name, a glob, a module class or a module instance; got "
+        f"{type(target).__name__}"
+    )
+
+
+def _first_tensor(output: object, name: str) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]  # e.g. nn.LSTM: (output, (h, c))
+    raise TypeError(
+        f"cannot penalise the output of {name!r}: expected a tensor (or a tuple whose first item "
+        f"is one), got {type(output).__name__}. Attach to a submodule that returns a tensor."
+    )
+
+
+@torch.no_grad()
+def _unit_stats(a: Tensor, penalty: Penalty) -> tuple[Tensor, Tensor]:
+    """Per-unit mean activation and firing fraction, both ``(units,)`` float32, detached."""
+    a = a.detach()
+    if a.dim() == 1:  # (batch,): one unit
+        a = a.unsqueeze(-1)
+    dims = [i for i in range(a.dim()) if i != F.normalize_unit_dim(a, penalty.unit_dim)]
+    th = penalty.firing_threshold
+    if isinstance(th, Tensor):
+        th = F.unit_view(th.detach(), a, penalty.unit_dim)
+    rho = a.mean(dim=dims, dtype=torch.float32)
+    fire = (a > th).mean(dim=dims, dtype=torch.float32)
+    return rho, fire
+
+
+@dataclass
+class TargetStats:
+    """Statistics of one attached penalty over the latest forward (all plain Python numbers).
+
+    Attributes:
+        penalty: weighted penalty value, summed over calls.
+        mean_rho_hat: mean over units of ρ̂_j (the mean activation).
+        target: the penalty's target ρ, if it has one.
+        active_fraction: fraction of activations above the firing threshold.
+        dead_units: units that never fired in the latest forward.
+        units: number of units.
+        calls: how many times the module ran in the latest forward.
+    """
+
+    penalty: float
+    mean_rho_hat: float
+    target: float | None
+    active_fraction: float
+    dead_units: int
+    units: int
+    calls: int
+
+
+class _Hooked:
+    """One (module, penalty) pair and what its hook captured in the current forward."""
+
+    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "rho_sum", "fire_sum")
+
+    def __init__(self, name: str, module: nn.Module, penalty: Penalty) -> None:
+        self.name = name
+        self.module = module
+        self.penalty = penalty
+        self.handle = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.value: Tensor | None = None
+        self.calls = 0
+        self.rho_sum: Tensor | None = None
+        self.fire_sum: Tensor | None = None
+
+
+class Attachment:
+    """Penalties attached to a model's layers; returned by :func:`attach`.
+
+    Use :meth:`penalty` after each forward, :meth:`stats` to monitor, :meth:`diagnose` to check
+    that every penalty reaches the parameters, and :meth:`remove` (or a ``with`` block) to detach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hooked: list[_Hooked],
+        *,
+        capture: Capture = "train",
+        stats: bool = True,
+    ) -> None:
+        if capture not in ("train", "always"):
+            raise ValueError(f"capture must be 'train' or 'always', got {capture!r}")
+        self.model = model
+        self.capture = capture
+        self.track_stats = bool(stats)
+        self._hooked = hooked
+        self._consumed = False
+        # Penalties check their own input eagerly; under torch.compile they cannot, so the total
+        # is checked here, outside the compiled region (one host sync per step).
+        self._check = any(h.penalty.check for h in hooked)
+        self._handles = [model.register_forward_pre_hook(self._begin_forward)]
+        for h in hooked:
+            h.handle = h.module.register_forward_hook(self._make_hook(h))
+            self._handles.append(h.handle)
+        # Penalties attached by name are not children of the model: keep them in one container
+        # for state_dict and .to().
+        self.penalties = nn.ModuleList(dict.fromkeys(h.penalty for h in hooked))
+
+    # ---------------------------------------------------------------- hooks
+    def _begin_forward(self, module: nn.Module, args: object) -> None:
+        for h in self._hooked:
+            h.clear()
+        self._consumed = False
+
+    def _should_capture(self, module: nn.Module) -> bool:
+        if self.capture == "always":
+            return True
+        return module.training and torch.is_grad_enabled()
+
+    def _make_hook(self, h: _Hooked):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if not self._should_capture(module):
+                return
+            if self._consumed:  # a direct submodule call after penalty() was read
+                self._begin_forward(module, args)
+            a = _first_tensor(output, h.name)
+            penalty = h.penalty
+            if penalty.training != module.training:
+                penalty.train(module.training)
+            try:
+                value = penalty(a)
+            except (ValueError, IndexError, TypeError) as err:
+                raise type(err)(f"penalty on {h.name!r} ({type(penalty).__name__}): {err}") from err
+            h.value = value if h.value is None else h.value + value
+            h.calls += 1
+            if self.track_stats:
+                rho, fire = _unit_stats(a, penalty)
+                h.rho_sum = rho if h.rho_sum is None else h.rho_sum + rho
+                h.fire_sum = fire if h.fire_sum is None else h.fire_sum + fire
+
+        return hook
+
+    # ---------------------------------------------------------------- results
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def penalties_by_target(self) -> dict[str, Tensor]:
+        """``{target name: weighted penalty of the latest forward}`` for targets that ran."""
+        out: dict[str, Tensor] = {}
+        for key, h in self._keyed():
+            if h.value is not None:
+                out[key] = h.value
+        return out
+
+    def penalty(self) -> Tensor:
+        """The sum of all attached penalties over the latest forward of the model (a scalar).
+
+        Returns a zero tensor if nothing was captured (eval mode, ``no_grad``).
+        """
+        self._consumed = True
+        total: Tensor | None = None
+        for h in self._hooked:
+            if h.value is not None:
+                total = h.value if total is None else total + h.value
+        if total is None:
+            return torch.zeros((), device=self._device())
+        if self._check and not bool(torch.isfinite(total.detach())):
+            bad = [k for k, v in self.penalties_by_target().items() if not bool(torch.isfinite(v.detach()))]
+            raise ValueError(f"the penalty is not finite (NaN/Inf) for: {', '.join(bad)}; "
+                             "the activations of these layers contain NaN or Inf")
+        return total
+
+    def _keyed(self) -> Iterator[tuple[str, _Hooked]]:
+        counts: dict[str, int] = {}
+        for h in self._hooked:
+            counts[h.name] = counts.get(h.name, 0) + 1
+        for h in self._hooked:
+            key = h.name or "<model>"
+            if counts[h.name] > 1:
+                key = f"{key}:{type(h.penalty).__name__}"
+            yield key, h
+
+    def stats(self) -> dict[str, TargetStats]:
+        """Per target: penalty, mean ρ̂, target, active fraction and dead units of the latest forward.
+
+        Targets that did not run in the latest forward are reported with ``calls=0`` and NaN
+        values. Statistics need ``attach(..., stats=True)`` (the default).
+        """
+        out: dict[str, TargetStats] = {}
+        for key, h in self._keyed():
+            target = getattr(h.penalty, "target", None)
+            if h.calls == 0 or h.rho_sum is None or h.fire_sum is None:
+                value = float(h.value.detach()) if h.value is not None else math.nan
+                out[key] = TargetStats(value, math.nan, target, math.nan, 0, 0, h.calls)
+                continue
+            rho = h.rho_sum / h.calls
+            fire = h.fire_sum / h.calls
+            out[key] = TargetStats(
+                penalty=float(h.value.detach()) if h.value is not None else math.nan,
+                mean_rho_hat=float(rho.mean()),
+                target=target,
+                active_fraction=float(fire.mean()),
+                dead_units=int((fire == 0).sum()),
+                units=int(fire.numel()),
+                calls=h.calls,
+            )
+        return out
+
+    def diagnose(self, loss: Tensor | None = None, *, warn: bool = True):
+        """Check that each attached penalty reaches the model's parameters.
+
+        For every target, computes the gradient norm of its penalty (latest forward) on the
+        model's trainable parameters, without touching ``.grad`` and keeping the graph, so you
+        can still call ``loss.backward()``. Warns (``UserWarning``) when a penalty reaches no
+        parameter or was not computed at all. If ``loss`` is given, its gradient norm is
+        reported too, so you can compare the scales.
+
+        Returns:
+            A list of :class:`actsparse.diagnose.GradientReport`, one per term.
+        """
+        from .diagnose import gradient_report
+
+        terms: dict[str, Tensor | None] = {}
+        if loss is not None:
+            terms["loss"] = loss
+        for key, h in self._keyed():
+            terms[f"penalty {key}"] = h.value
+        return gradient_report(self.model, terms, warn=warn)
+
+    # ---------------------------------------------------------------- lifecycle
+    def remove(self) -> None:
+        """Remove every hook this attachment registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for h in self._hooked:
+            h.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still registered."""
+        return bool(self._handles)
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Moving averages of the attached penalties (those declared by name or type)."""
+        return self.penalties.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.penalties.load_state_dict(state)
+
+    def to(self, *args, **kwargs) -> Attachment:
+        self.penalties.to(*args, **kwargs)
+        return self
+
+    def __repr__(self) -> str:
+        lines = [f"{key}: {h.penalty!r}" for key, h in self._keyed()]
+        state = "active" if self.active else "removed"
+        return f"Attachment({state}; " + "; ".join(lines) + ")"
+
+
+PenaltySpec = Union[Penalty, Sequence[Penalty]]
+
+
+def attach(
+    model: nn.Module,
+    penalties: Mapping[Target, PenaltySpec] | None = None,
+    *,
+    capture: Capture = "train",
+    stats: bool = True,
+) -> Attachment:
+    """Attach sparsity penalties to layers of ``model`` by forward hooks.
+
+    Args:
+        model: any ``nn.Module`` (also the module inside a ``torch.compile`` wrapper).
+        penalties: ``{target: penalty}``; a target is a qualified module name, a glob over names,
+            a module class or a module instance; a value is a :class:`Penalty` or a list of them.
+            Penalties declared with :func:`regularize` are collected too. The penalty applies to
+            the target's *output* (for a tuple output, its first item).
+        capture: ``"train"`` (default) captures only when the module is in training mode and
+            gradients are enabled; ``"always"`` also under ``no_grad``/eval (e.g. for validation).
+        stats: also keep per-unit ρ̂ and firing fraction for :meth:`Attachment.stats`.
+
+    Returns:
+        An :class:`Attachment`: ``reg.penalty()`` after each forward, ``reg.stats()``,
+        ``reg.diagnose()``, ``reg.remove()``; also a context manager.
+
+    Raises:
+        KeyError: a target that matches nothing (the message lists close names).
+        TypeError: a value that is not a Penalty.
+        ValueError: nothing to attach.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: hook the real modules
+    hooked: list[_Hooked] = []
+    for target, spec in (penalties or {}).items():
+        items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        for p in items:
+            if not isinstance(p, Penalty):
+                raise TypeError(
+                    f"the penalty for {_describe(target)} must be an actsparse Penalty (e.g. "
+                    f"actsparse.L1(1e-3)), got {type(p).__name__}"
+                )
+        for name, module in find_targets(model, target):
+            for p in items:
+                hooked.append(_Hooked(name, module, p))
+    for name, module in model.named_modules():
+        declared = getattr(module, REGULARIZER_ATTR, None)
+        if isinstance(declared, Penalty) and not isinstance(module, Penalty):
+            hooked.append(_Hooked(name, module, declared))
+    if not hooked:
+        raise ValueError(
+            "nothing to attach: pass {target: penalty} or declare penalties with "
+            "actsparse.regularize(layer, penalty)"
+        )
+    return Attachment(model, hooked, capture=capture, stats=stats)
+

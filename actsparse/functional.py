@@ -1,0 +1,452 @@
+"""Pure sparsity-penalty functions over activation tensors.
+
+Every function here is stateless, differentiable and reduces in at least float32 (float64 stays
+float64), returning its result in the caller's dtype. Shapes use fixed names: ``batch`` is the
+leading axis, ``units`` is the axis chosen by ``unit_dim`` (the last one by default; ``1`` for
+convolutional maps ``(batch, units, height, width)``), and ``...`` is any number of other axes.
+
+The formulas are those of GUIDE §3:
+
+==================  ===============================================  =================================
+function            formula                                          source
+==================  ===============================================  =================================
+``bernoulli_kl``    Σ_j ρ log(ρ/ρ̂_j) + (1−ρ) log((1−ρ)/(1−ρ̂_j))      Ng, CS294A notes, p.14–15
+``poisson_kl``      Σ_j ρ log(ρ/ρ̂_j) − ρ + ρ̂_j                      generalised KL (I-divergence)
+``l1``              Σ|a| / batch                                     activity L1 (Keras convention)
+``l2``              Σ a² / batch                                     activity L2
+``hoyer``           mean over samples of (Σ|a|)² / Σ a²              Hoyer 2004
+``activation_frequency``  f̂_j = mean H(a − θ), straight-through     Rajamanoharan et al. 2024
+==================  ===============================================  =================================
+
+Numerics: ρ̂ may reach 0 (a dead unit) or 1 (a saturated sigmoid). The KLs then evaluate the
+divergence at ρ̂ clamped into ``[eps, 1 − eps]`` with a *straight-through* clamp: the value is
+finite and the gradient is that of the divergence at the clamped point, so it keeps pushing ρ̂
+back toward ρ instead of being zeroed as ``torch.clamp`` would do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_BANDWIDTH",
+    "mean_activation",
+    "activation_frequency",
+    "bernoulli_kl",
+    "poisson_kl",
+    "l1",
+    "l2",
+    "hoyer",
+]
+
+#: Distance from 0 and 1 at which the KLs clamp ρ̂ (straight-through, see module docstring).
+DEFAULT_EPS = 1e-6
+#: Width ε of the rectangle kernel of the straight-through Heaviside pseudo-gradient.
+DEFAULT_BANDWIDTH = 0.1
+
+KLReduction = Literal["sum", "mean", "none"]
+ActivityReduction = Literal["batchmean", "sum", "mean"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reduce in float32 at least; float64 stays float64."""
+    if dtype.is_floating_point:
+        return torch.promote_types(dtype, torch.float32)
+    return torch.float32
+
+
+def _check_activations(a: Tensor, *, min_dim: int = 1) -> None:
+    if not isinstance(a, Tensor):
+        raise TypeError(f"activations must be a torch.Tensor, got {type(a).__name__}")
+    if not a.dtype.is_floating_point:
+        raise TypeError(
+            f"activations must be a floating-point tensor, got dtype {a.dtype}; "
+            "cast with .float() first"
+        )
+    if a.dim() < min_dim:
+        raise ValueError(
+            f"activations must have at least {min_dim} dimension(s) (batch, ..., units), "
+            f"got shape {tuple(a.shape)}"
+        )
+    if a.numel() == 0:
+        raise ValueError(f"activations are empty (shape {tuple(a.shape)}): nothing to penalise")
+
+
+def normalize_unit_dim(a: Tensor, unit_dim: int) -> int:
+    """Return ``unit_dim`` as a non-negative axis of ``a``; raise a clear error when out of range."""
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, int):
+        raise TypeError(f"unit_dim must be an int, got {type(unit_dim).__name__}")
+    if not -a.dim() <= unit_dim < a.dim():
+        raise IndexError(
+            f"unit_dim={unit_dim} is out of range for activations of shape {tuple(a.shape)} "
+            f"(valid: {-a.dim()} .. {a.dim() - 1})"
+        )
+    return unit_dim % a.dim()
+
+
+def _reduce_dims(a: Tensor, unit_dim: int) -> list[int]:
+    d = normalize_unit_dim(a, unit_dim)
+    return [i for i in range(a.dim()) if i != d]
+
+
+def _straight_through_clamp(x: Tensor, lo: float, hi: float | None) -> Tensor:
+    """Value of ``x.clamp(lo, hi)``, gradient of the identity (so it never vanishes)."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def _as_target(target: float | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(target, dtype=like.dtype, device=like.device)
+
+
+def check_probability(name: str, value: float | Tensor) -> None:
+    """Raise ``ValueError`` unless every entry of ``value`` lies strictly inside (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, (int, float)):
+        if not 0.0 < value < 1.0:  # also False for NaN
+            raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+        return
+    t = value.detach()
+    if not bool(torch.isfinite(t).all()) or bool(((t <= 0) | (t >= 1)).any()):
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {_short(value)}")
+
+
+def check_positive(name: str, value: float | Tensor) -> None:
+    """Raise ``ValueError`` unless every entry of ``value`` is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if isinstance(value, (int, float)):
+        if not 0.0 < value < float("inf"):  # also False for NaN
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        return
+    t = value.detach()
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        raise ValueError(f"{name} must be a finite number > 0, got {_short(value)}")
+
+
+def _short(value: float | Tensor) -> str:
+    if isinstance(value, Tensor):
+        flat = value.detach().flatten()
+        shown = ", ".join(f"{v:g}" for v in flat[:4].tolist())
+        return f"tensor([{shown}{', ...' if flat.numel() > 4 else ''}])"
+    return repr(value)
+
+
+def _check_rate(rate: Tensor, *, upper: float | None, penalty: str) -> None:
+    """One host sync that catches NaN/Inf activations and rates outside the divergence's domain.
+
+    Skipped while ``torch.compile`` traces (a data-dependent branch would break the graph);
+    :meth:`actsparse.Attachment.penalty` still checks the total outside the compiled region.
+    """
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(rate)
+    low = rate < 0
+    flags = [~finite.all(), low.any()]
+    if upper is not None:
+        flags.append((rate > upper).any())
+    bad = torch.stack(flags).tolist()
+    if bad[0]:
+        n = int((~finite).sum())
+        raise ValueError(
+            f"activations contain NaN or Inf: the mean of {n} of {rate.numel()} units is not "
+            "finite; check the layer's input and learning rate"
+        )
+    if bad[1]:
+        raise ValueError(
+            f"{penalty} needs non-negative activations, but the mean of {int(low.sum())} "
+            f"unit(s) is negative (min {float(rate.min()):.4g}); apply a sigmoid or ReLU first, "
+            "or use L1 for signed activations"
+        )
+    if upper is not None and bad[2]:
+        raise ValueError(
+            f"{penalty} needs activations in [0, 1] (a firing probability, e.g. after a sigmoid), "
+            f"but the mean activation of {int((rate > upper).sum())} unit(s) exceeds 1 "
+            f"(max {float(rate.max()):.4g}). For unbounded non-negative activations such as ReLU "
+            "use PoissonKL (actsparse.functional.poisson_kl), the generalised KL."
+        )
+
+
+def _reduce(x: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "none":
+        return x
+    raise ValueError(f"unknown reduction {reduction!r}; choose one of 'sum', 'mean', 'none'")
+
+
+def unit_view(t: Tensor, a: Tensor, unit_dim: int) -> Tensor:
+    """Reshape a per-unit vector ``(units,)`` so it broadcasts against ``a`` along ``unit_dim``."""
+    if t.dim() != 1 or a.dim() <= 1:
+        return t
+    d = normalize_unit_dim(a, unit_dim)
+    shape = [1] * a.dim()
+    shape[d] = t.shape[0]
+    return t.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# rates
+
+
+def mean_activation(a: Tensor, unit_dim: int = -1) -> Tensor:
+    """ρ̂_j: the mean of unit ``j`` over every axis but the unit axis.
+
+    Args:
+        a: activations ``(batch, ..., units)`` (or with the units on ``unit_dim``).
+        unit_dim: the unit axis; ``-1`` by default, ``1`` for ``(batch, units, h, w)`` maps.
+
+    Returns:
+        ``(units,)`` in float32 (float64 for float64 input). Differentiable.
+
+    Averaging over the batch *and* every spatial/sequence position is what CS294A means by
+    "average activation of hidden unit j over the training set" (Ng, p.14); averaging over the
+    unit axis instead is the mistake of seed 003.
+    """
+    _check_activations(a, min_dim=2)
+    dims = _reduce_dims(a, unit_dim)
+    return a.mean(dim=dims, dtype=_compute_dtype(a.dtype))
+
+
+class _HeavisideST(torch.autograd.Function):
+    """H(a − θ) forward; rectangle-kernel pseudo-derivative backward.
+
+    Rajamanoharan et al. 2024 ("Jumping Ahead", eq. 11): ∂H(z − θ)/∂θ := −(1/ε) K((z − θ)/ε)
+    with K the rectangle kernel 1{|u| < 1/2}. We give the activation the mirror pseudo-derivative
+    +(1/ε) K(...), so a penalty on firing frequency reaches the layer that produced ``a``.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, threshold)
+        ctx.bandwidth = bandwidth
+        return (a > threshold).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        u = (a - threshold) / eps
+        kernel = ((u > -0.5) & (u < 0.5)).to(grad.dtype) / eps
+        g = grad * kernel
+        grad_a = g if ctx.needs_input_grad[0] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = (-g).sum_to_size(threshold.shape)
+        return grad_a, grad_t, None
+
+
+def activation_frequency(
+    a: Tensor,
+    threshold: float | Tensor = 0.0,
+    unit_dim: int = -1,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+) -> Tensor:
+    """f̂_j: the fraction of samples (and positions) in which unit ``j`` fires, ``a > threshold``.
+
+    The forward value is the exact frequency, ``mean H(a − θ)``. Its gradient is a straight-through
+    pseudo-gradient (Rajamanoharan et al. 2024): each element with ``|a − θ| < bandwidth/2``
+    receives ``+1/bandwidth`` (and θ, when it is a tensor that requires grad, ``−1/bandwidth``),
+    times the usual ``1/count`` of the mean. This is what makes a penalty on *how often* a unit
+    fires trainable; ``(a > 0).float().mean()`` alone has no gradient at all (seed 001).
+
+    Args:
+        a: activations ``(batch, ..., units)``.
+        threshold: θ, a float or a tensor broadcastable to ``a``; a ``(units,)`` vector is aligned
+            with ``unit_dim``. May be a learnable parameter (JumpReLU).
+        unit_dim: the unit axis.
+        bandwidth: ε > 0, width of the pseudo-gradient window, in the units of ``a``.
+
+    Returns:
+        ``(units,)`` in float32 (float64 for float64 input), values in [0, 1].
+    """
+    _check_activations(a, min_dim=2)
+    check_positive("bandwidth", bandwidth)
+    dims = _reduce_dims(a, unit_dim)
+    th = threshold if isinstance(threshold, Tensor) else torch.tensor(threshold)
+    th = unit_view(th.to(device=a.device, dtype=a.dtype), a, unit_dim)
+    fired = _HeavisideST.apply(a, th, float(bandwidth))
+    return fired.mean(dim=dims, dtype=_compute_dtype(a.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# divergences between a target rate and the observed rate
+
+
+def bernoulli_kl(
+    target: float | Tensor,
+    rho_hat: Tensor,
+    *,
+    reduction: KLReduction = "sum",
+    eps: float = DEFAULT_EPS,
+    check: bool = True,
+) -> Tensor:
+    """KL(ρ ‖ ρ̂) between Bernoulli firing probabilities, summed over units.
+
+    ``Σ_j ρ log(ρ/ρ̂_j) + (1 − ρ) log((1 − ρ)/(1 − ρ̂_j))`` (Ng, CS294A notes, p.14–15).
+
+    Args:
+        target: ρ in (0, 1), a float or a tensor broadcastable to ``rho_hat``.
+        rho_hat: ρ̂ ``(units,)`` (any shape works) in [0, 1], e.g. ``mean_activation(a)``.
+        reduction: ``"sum"`` over units (the formula, default), ``"mean"``, or ``"none"``.
+        eps: ρ̂ is clamped straight-through into ``[eps, 1 − eps]``: finite value, gradient kept.
+        check: raise ``ValueError`` for NaN/Inf ρ̂ or ρ̂ outside [0, 1] (one host sync).
+
+    Returns:
+        A scalar (or ``rho_hat``-shaped for ``"none"``) in ``rho_hat``'s dtype.
+
+    Raises:
+        ValueError: target outside (0, 1); ρ̂ > 1 (points to :func:`poisson_kl`); NaN/Inf.
+    """
+    check_probability("target ρ", target)
+    cd = _compute_dtype(rho_hat.dtype)
+    r = rho_hat.to(cd)
+    if check:
+        _check_rate(r.detach(), upper=1.0 + 1e-6, penalty="BernoulliKL")
+    rho = _as_target(target, r)
+    r = _straight_through_clamp(r, eps, 1.0 - eps)
+    kl = rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))
+    return _reduce(kl, reduction).to(rho_hat.dtype)
+
+
+def poisson_kl(
+    target: float | Tensor,
+    rho_hat: Tensor,
+    *,
+    reduction: KLReduction = "sum",
+    eps: float = DEFAULT_EPS,
+    check: bool = True,
+) -> Tensor:
+    """Generalised KL (I-divergence) D(ρ ‖ ρ̂), valid for unbounded non-negative activations.
+
+    ``Σ_j ρ log(ρ/ρ̂_j) − ρ + ρ̂_j``: the KL between Poisson distributions of means ρ and ρ̂_j.
+    It is ≥ 0, zero only at ρ̂ = ρ, and unlike the Bernoulli KL it is defined for ρ̂ > 1, so it is
+    the KL to use for ReLU units (Keras' 2015 code: ``p_hat - p + p*log(p/p_hat)``).
+
+    Args:
+        target: ρ > 0 (may exceed 1), a float or a tensor broadcastable to ``rho_hat``.
+        rho_hat: ρ̂ ``(units,)`` ≥ 0, e.g. ``mean_activation(relu_out)``.
+        reduction: ``"sum"`` over units (default), ``"mean"``, or ``"none"``.
+        eps: ρ̂ is clamped straight-through to at least ``eps``.
+        check: raise ``ValueError`` for NaN/Inf or negative ρ̂ (one host sync).
+
+    Returns:
+        A scalar (or ``rho_hat``-shaped for ``"none"``) in ``rho_hat``'s dtype.
+    """
+    check_positive("target ρ", target)
+    cd = _compute_dtype(rho_hat.dtype)
+    r = rho_hat.to(cd)
+    if check:
+        _check_rate(r.detach(), upper=None, penalty="PoissonKL")
+    rho = _as_target(target, r)
+    r = _straight_through_clamp(r, eps, None)
+    kl = rho * torch.log(rho / r) - rho + r
+    return _reduce(kl, reduction).to(rho_hat.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# activity norms
+
+
+def _activity_reduce(total: Tensor, a: Tensor, reduction: str) -> Tensor:
+    if reduction == "batchmean":
+        return total / a.shape[0]
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / a.numel()
+    raise ValueError(
+        f"unknown reduction {reduction!r}; choose one of 'batchmean', 'sum', 'mean'"
+    )
+
+
+def check_finite_result(value: Tensor, a: Tensor) -> None:
+    """One host sync on a reduced value; on failure, say how many activations are bad."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(value.detach()).all()):
+        bad = int((~torch.isfinite(a.detach())).sum())
+        raise ValueError(
+            f"activations contain NaN or Inf ({bad} of {a.numel()} elements, shape "
+            f"{tuple(a.shape)}); check the layer's input and learning rate"
+        )
+
+
+def l1(
+    a: Tensor, *, reduction: ActivityReduction = "batchmean", check: bool = True
+) -> Tensor:
+    """Activity L1: ``Σ|a| / batch``.
+
+    Args:
+        a: activations ``(batch, ...)``.
+        reduction: ``"batchmean"`` divides the sum by ``batch = a.shape[0]`` (the convention of
+            Keras ≥ 3.14 activity regularizers, default); ``"sum"``; ``"mean"`` over elements.
+        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+
+    Returns:
+        A scalar in ``a``'s dtype, reduced in float32 at least.
+    """
+    _check_activations(a)
+    total = torch.linalg.vector_norm(a, ord=1, dtype=_compute_dtype(a.dtype))
+    out = _activity_reduce(total, a, reduction)
+    if check:
+        check_finite_result(out, a)
+    return out.to(a.dtype)
+
+
+def l2(
+    a: Tensor, *, reduction: ActivityReduction = "batchmean", check: bool = True
+) -> Tensor:
+    """Activity L2 (squared): ``Σ a² / batch``.
+
+    Args:
+        a: activations ``(batch, ...)``.
+        reduction: as for :func:`l1`.
+        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+
+    Returns:
+        A scalar in ``a``'s dtype, reduced in float32 at least.
+    """
+    _check_activations(a)
+    total = a.to(_compute_dtype(a.dtype)).square().sum()
+    out = _activity_reduce(total, a, reduction)
+    if check:
+        check_finite_result(out, a)
+    return out.to(a.dtype)
+
+
+def hoyer(a: Tensor, *, check: bool = True) -> Tensor:
+    """Hoyer square measure: the mean over samples of ``(Σ|a|)² / Σ a²`` (Hoyer 2004).
+
+    Each sample is ``a[i]`` flattened; the value lies in [1, size] (1 = one active unit) and is
+    scale-invariant, so it sparsifies without shrinking the activations. An all-zero sample
+    counts 0 (with zero gradient) instead of 0/0.
+
+    Args:
+        a: activations ``(batch, ...)``.
+        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+
+    Returns:
+        A scalar in ``a``'s dtype, reduced in float32 at least.
+    """
+    _check_activations(a)
+    x = a.to(_compute_dtype(a.dtype)).reshape(a.shape[0], -1)
+    s1 = x.abs().sum(dim=1)
+    s2 = x.square().sum(dim=1)
+    nonzero = s2 > 0
+    # double where: the masked branch must not produce 0/0 even in the backward pass
+    ratio = torch.where(nonzero, s1.square() / torch.where(nonzero, s2, torch.ones_like(s2)), 0.0)
+    out = ratio.mean()
+    if check:
+        check_finite_result(out, a)
+    return out.to(a.dtype)
