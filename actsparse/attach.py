@@ -9,8 +9,8 @@ What the hooks do, and why (each point is a pitfall of the hand-written hook in 
   statistics) *inside the hook*: no list of activation tensors is kept.
 * Each forward of the model starts a fresh capture, so nothing grows across iterations and
   ``penalty()`` is always the penalty of the latest forward. A module called twice in one
-  forward contributes twice. If you call a submodule directly (not through ``model``), the first
-  hook to fire after ``penalty()`` was read starts the fresh capture instead.
+  forward contributes twice. Submodules called directly (not through ``model``) form one capture
+  that starts at the first such call after a forward of ``model`` or after ``penalty()`` was read.
 * Nothing is captured while gradients are disabled or the module is in eval mode, unless
   ``capture="always"``.
 * Hooks are removed by :meth:`Attachment.remove`, or on leaving a ``with`` block even if
@@ -207,10 +207,15 @@ class Attachment:
         self.track_stats = bool(stats)
         self._hooked = hooked
         self._consumed = False
+        self._in_root = False  # inside a forward of the attached model
+        self._direct = False  # the current capture comes from direct submodule calls
         # Penalties check their own input eagerly; under torch.compile they cannot, so the total
         # is checked here, outside the compiled region (one host sync per step).
         self._check = any(h.penalty.check for h in hooked)
-        self._handles = [model.register_forward_pre_hook(self._begin_forward)]
+        self._handles = [
+            model.register_forward_pre_hook(self._begin_forward),
+            model.register_forward_hook(self._end_forward, always_call=True),
+        ]
         for h in hooked:
             h.handle = h.module.register_forward_hook(self._make_hook(h))
             self._handles.append(h.handle)
@@ -219,10 +224,18 @@ class Attachment:
         self.penalties = nn.ModuleList(dict.fromkeys(h.penalty for h in hooked))
 
     # ---------------------------------------------------------------- hooks
-    def _begin_forward(self, module: nn.Module, args: object) -> None:
+    def _clear(self) -> None:
         for h in self._hooked:
             h.clear()
         self._consumed = False
+
+    def _begin_forward(self, module: nn.Module, args: object) -> None:
+        self._clear()
+        self._in_root = True
+        self._direct = False
+
+    def _end_forward(self, module: nn.Module, args: object, output: object) -> None:
+        self._in_root = False
 
     def _should_capture(self, module: nn.Module) -> bool:
         if self.capture == "always":
@@ -233,8 +246,11 @@ class Attachment:
         def hook(module: nn.Module, args: object, output: object) -> None:
             if not self._should_capture(module):
                 return
-            if self._consumed:  # a direct submodule call after penalty() was read
-                self._begin_forward(module, args)
+            if not self._in_root and (self._consumed or not self._direct):
+                # A submodule called directly, not through the model: a new capture starts at the
+                # first such call after a model forward or after penalty() was read.
+                self._clear()
+                self._direct = True
             a = _first_tensor(output, h.name)
             penalty = h.penalty
             if penalty.training != module.training:

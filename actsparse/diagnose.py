@@ -72,9 +72,10 @@ def gradient_report(
         else:
             val = float(value.detach())
             if not value.requires_grad:
-                problem = ("has no gradient: it was computed without autograd (a comparison such as "
-                           "(a > 0), .item(), .detach() or torch.no_grad()), so it cannot train "
-                           "anything; use actsparse.FrequencyKL / activation_frequency instead")
+                problem = ("has no gradient: it depends on nothing that requires grad (it was computed "
+                           "through a comparison such as (a > 0), .item(), .detach() or torch.no_grad(), "
+                           "or from a layer that sees only the input), so it cannot train anything; "
+                           "for a firing-frequency penalty use actsparse.FrequencyKL")
             elif params:
                 grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
                 sq = 0.0

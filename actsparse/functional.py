@@ -443,7 +443,7 @@ def hoyer(a: Tensor, *, check: bool = True) -> Tensor:
     x = a.to(_compute_dtype(a.dtype)).reshape(a.shape[0], -1)
     s1 = x.abs().sum(dim=1)
     s2 = x.square().sum(dim=1)
-    nonzero = s2 > 0
+    nonzero = s2 != 0  # NaN stays in (and is reported), only exact zeros are masked
     # double where: the masked branch must not produce 0/0 even in the backward pass
     ratio = torch.where(nonzero, s1.square() / torch.where(nonzero, s2, torch.ones_like(s2)), 0.0)
     out = ratio.mean()

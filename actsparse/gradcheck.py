@@ -10,20 +10,23 @@ from torch import Tensor
 __all__ = ["numerical_gradient", "relative_gradient_error"]
 
 
-@torch.no_grad()
 def numerical_gradient(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], eps: float = 1e-4) -> list[Tensor]:
     """(J(θ + ε e_i) − J(θ − ε e_i)) / 2ε for every entry of every parameter (modified in place
-    and restored). Use float64 parameters: the UFLDL bar of 1e-9 needs it."""
+    and restored). Use float64 parameters: the UFLDL bar of 1e-9 needs it.
+
+    ``loss_fn`` runs with gradients enabled, as in training: penalties attached with
+    :func:`actsparse.attach` capture nothing under ``torch.no_grad()``."""
     grads = []
     for p in params:
         g = torch.zeros_like(p)
-        flat, gflat = p.view(-1), g.view(-1)
+        flat = p.detach().view(-1)  # edits the parameter's storage without autograd noticing
+        gflat = g.view(-1)
         for i in range(flat.numel()):
-            orig = flat[i].item()
+            orig = float(flat[i])
             flat[i] = orig + eps
-            plus = float(loss_fn())
+            plus = float(loss_fn().detach())
             flat[i] = orig - eps
-            minus = float(loss_fn())
+            minus = float(loss_fn().detach())
             flat[i] = orig
             gflat[i] = (plus - minus) / (2 * eps)
         grads.append(g)

@@ -99,7 +99,7 @@ class PenaltySum(Penalty):
             raise TypeError("PenaltySum takes one or more Penalty objects")
         super().__init__(1.0, unit_dim=terms[0].unit_dim)
         self.terms = nn.ModuleList(terms)
-        self.firing_threshold = terms[0].firing_threshold
+        self.__dict__["firing_threshold"] = terms[0].firing_threshold
 
     def forward(self, a: Tensor) -> Tensor:
         total = self.terms[0](a)
@@ -276,7 +276,9 @@ class FrequencyKL(RatePenalty):
         self.bandwidth = float(bandwidth)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float, Tensor)):
             raise TypeError(f"threshold must be a float or a tensor, got {type(threshold).__name__}")
-        self.firing_threshold = threshold if isinstance(threshold, Tensor) else float(threshold)
+        # A tensor threshold (e.g. a JumpReLU's learned θ) is referenced, not owned: it stays a
+        # parameter of your model only, so it is not registered here.
+        self.__dict__["firing_threshold"] = threshold if isinstance(threshold, Tensor) else float(threshold)
 
     @property
     def threshold(self) -> float | Tensor:
