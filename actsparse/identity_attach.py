@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._lazy import adopt_saved_shapes
 
 __all__ = ["KLSparseReg"]
 
@@ -105,9 +106,7 @@ class KLSparseReg(nn.Module):
         return self.penalty * F.bernoulli_kl(self.target, self.moving_avg, eps=self.eps, check=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        key = prefix + "moving_avg"
-        if key in state_dict:
-            self.moving_avg = torch.empty_like(state_dict[key])
+        adopt_saved_shapes(self, state_dict, prefix, "moving_avg")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

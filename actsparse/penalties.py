@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._lazy import adopt_saved_shapes
 
 __all__ = [
     "Penalty",
@@ -196,10 +197,7 @@ class RatePenalty(Penalty):
         return rate + (running - rate).detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # The buffer's size is only known after the first batch: adopt the saved one.
-        key = prefix + "running_rate"
-        if key in state_dict:
-            self.running_rate = torch.empty_like(state_dict[key])
+        adopt_saved_shapes(self, state_dict, prefix, "running_rate")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

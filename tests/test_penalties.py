@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import actsparse
-from actsparse import functional as F
 
 rng = np.random.default_rng(1)
 
@@ -77,7 +76,7 @@ def test_momentum_semantics_match_reference_loop():
     mu, rho, beta = 0.9, 0.1, 2.0
     p = actsparse.BernoulliKL(rho, weight=beta, momentum=mu)
     m = None
-    for step in range(5):
+    for _step in range(5):
         a_np = rng.uniform(0.05, 0.95, size=(8, 4))
         a = torch.tensor(a_np, requires_grad=True)
         val = p(a)
