@@ -1,0 +1,217 @@
+"""Hidden activations of sparse autoencoders: ``pre-activations (batch, d_sae) -> code (batch, d_sae)``.
+
+==============  ================================================================  ==========================
+name            what it keeps                                                      source
+==============  ================================================================  ==========================
+``sigmoid``     σ(z): a firing probability, for the Bernoulli KL                   Ng, CS294A notes
+``relu``        max(z, 0), for L1 / Poisson KL / FrequencyKL                       —
+``topk``        the k largest of ReLU(z) in each sample, zero elsewhere            Gao et al. 2024
+``batchtopk``   the k·batch largest of ReLU(z) over the whole batch; at eval a     Bussmann et al. 2024
+                threshold θ estimated in training (running mean of the smallest
+                kept value)
+``jumprelu``    z·H(z − θ) with a learned per-unit θ, straight-through for θ       Rajamanoharan et al. 2024
+``ksparse``     the k largest of z (linear units, no ReLU); αk at eval; k          Makhzani & Frey 2013
+                annealed from a large value to k over the first half of training
+==============  ================================================================  ==========================
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+__all__ = ["Sigmoid", "ReLU", "TopK", "BatchTopK", "JumpReLU", "KSparse", "ACTIVATIONS", "get_activation"]
+
+
+class Sigmoid(nn.Sigmoid):
+    """σ(z), values in (0, 1): the classic sparse autoencoder's hidden unit."""
+
+
+class ReLU(nn.ReLU):
+    """max(z, 0)."""
+
+
+def _check_k(k: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be a positive int, got {k!r}")
+    return k
+
+
+def _check_width(z: Tensor, k: int) -> None:
+    if k > z.shape[-1]:
+        raise ValueError(f"k={k} is larger than the number of hidden units d_sae={z.shape[-1]}")
+
+
+def topk_mask_values(z: Tensor, k: int) -> Tensor:
+    """Keep the k largest entries of each row of ``z`` (batch, d_sae), zero the rest (dense)."""
+    values, indices = z.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(z).scatter(-1, indices, values)
+
+
+class TopK(nn.Module):
+    """ReLU, then keep the k largest units of each sample (Gao et al. 2024). ``k <= d_sae``."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+
+    def forward(self, z: Tensor) -> Tensor:
+        _check_width(z, self.k)
+        return topk_mask_values(torch.relu(z), self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class BatchTopK(nn.Module):
+    """ReLU, then keep the ``k·batch`` largest values of the whole batch (Bussmann et al. 2024).
+
+    In training it also keeps ``threshold``, a running mean (momentum 0.99) of the smallest kept
+    value; in eval mode every unit above it is kept, so inference does not depend on the batch.
+    """
+
+    threshold: Tensor
+
+    def __init__(self, k: int, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        self.momentum = float(momentum)
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def forward(self, z: Tensor) -> Tensor:
+        _check_width(z, self.k)
+        a = torch.relu(z)
+        if not self.training:
+            if torch.isnan(self.threshold):
+                return topk_mask_values(a, self.k)  # never trained: per-sample top-k
+            return a * (a > self.threshold)
+        flat = a.reshape(-1)
+        n = min(self.k * a.shape[0], flat.numel())
+        values, indices = flat.topk(n, sorted=False)
+        out = torch.zeros_like(flat).scatter(0, indices, values).reshape(a.shape)
+        with torch.no_grad():
+            positive = values[values > 0]
+            if positive.numel():
+                smallest = positive.min().to(self.threshold.dtype)
+                if torch.isnan(self.threshold):
+                    self.threshold.copy_(smallest)
+                else:
+                    self.threshold.lerp_(smallest, 1 - self.momentum)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """z·H(z − θ); ∂/∂z = H(z − θ); ∂/∂θ := −(θ/ε)·K((z − θ)/ε) (Rajamanoharan et al. 2024, eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        u = (z - threshold) / eps
+        kernel = ((u > -0.5) & (u < 0.5)).to(grad.dtype) / eps
+        grad_z = grad * (z > threshold) if ctx.needs_input_grad[0] else None
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = (-(threshold * kernel) * grad).sum_to_size(threshold.shape)
+        return grad_z, grad_t, None
+
+
+class JumpReLU(nn.Module):
+    """z·H(z − θ) with a learned threshold θ_j = exp(log_threshold_j) > 0 per unit.
+
+    Args:
+        d_sae: number of units.
+        init_threshold: initial θ. Default 0.001.
+        bandwidth: ε of the straight-through pseudo-derivative. Default 0.001.
+
+    Pair it with an L0 penalty on the same θ: ``FrequencyKL(target, threshold=act.threshold)``
+    or :func:`actsparse.functional.activation_frequency`.
+    """
+
+    def __init__(self, d_sae: int, init_threshold: float = 0.001, bandwidth: float = 0.001,
+                 *, device=None, dtype=None) -> None:
+        super().__init__()
+        F.check_positive("init_threshold", init_threshold)
+        F.check_positive("bandwidth", bandwidth)
+        self.bandwidth = float(bandwidth)
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold), device=device, dtype=dtype))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _JumpReLUFn.apply(z, self.threshold.to(z.dtype), self.bandwidth)
+
+
+class KSparse(nn.Module):
+    """k-sparse autoencoder units (Makhzani & Frey 2013): linear, keep the k largest of each sample.
+
+    In eval mode the ``alpha * k`` largest are kept (α = 3 in the paper's MNIST runs). Call
+    :meth:`set_progress` with the fraction of training done: k is annealed linearly from
+    ``k_start`` (default ``d_sae``, i.e. dense) down to ``k`` over the first half of training.
+    """
+
+    def __init__(self, k: int, alpha: float = 3.0, k_start: int | None = None) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        F.check_positive("alpha", alpha)
+        self.alpha = float(alpha)
+        self.k_start = None if k_start is None else _check_k(k_start, "k_start")
+        self.progress = 1.0
+
+    def set_progress(self, fraction: float) -> None:
+        """Fraction of training done, in [0, 1]; sets the annealed k."""
+        self.progress = min(max(float(fraction), 0.0), 1.0)
+
+    def current_k(self, d_sae: int) -> int:
+        if not self.training:
+            return min(d_sae, max(self.k, int(round(self.alpha * self.k))))
+        start = d_sae if self.k_start is None else min(self.k_start, d_sae)
+        t = min(self.progress / 0.5, 1.0)  # first half of training
+        return max(self.k, int(round(start + (self.k - start) * t)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        _check_width(z, self.k)
+        return topk_mask_values(z, self.current_k(z.shape[-1]))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, alpha={self.alpha:g}"
+
+
+ACTIVATIONS = {"sigmoid": Sigmoid, "relu": ReLU, "topk": TopK, "batchtopk": BatchTopK,
+               "jumprelu": JumpReLU, "ksparse": KSparse}
+
+
+def get_activation(name: str, *, d_sae: int, k: int | None = None, **kwargs) -> nn.Module:
+    """Build a hidden activation by name (``sigmoid``, ``relu``, ``topk``, ``batchtopk``,
+    ``jumprelu``, ``ksparse``). ``k`` is required by the top-k family and checked against d_sae."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in ACTIVATIONS:
+        close = difflib.get_close_matches(key, ACTIVATIONS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown activation {name!r}.{hint} Valid: {', '.join(ACTIVATIONS)}")
+    cls = ACTIVATIONS[key]
+    if cls in (TopK, BatchTopK, KSparse):
+        if k is None:
+            raise ValueError(f"activation {name!r} needs k (the number of active units)")
+        if k > d_sae:
+            raise ValueError(f"k={k} is larger than the number of hidden units d_sae={d_sae}")
+        return cls(k, **kwargs)
+    if cls is JumpReLU:
+        return cls(d_sae, **kwargs)
+    return cls()

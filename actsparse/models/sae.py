@@ -1,0 +1,266 @@
+"""Sparse autoencoders, from the classic sigmoid/KL autoencoder (CS294A) to TopK and JumpReLU SAEs.
+
+``forward(x)`` returns a :class:`ForwardOutput` with every loss term; the trainer weights and
+sums them. The sparsity term is an actsparse :class:`~actsparse.penalties.Penalty` applied to the
+hidden code — the same object users attach to their own models, so there is one implementation
+of each formula.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..penalties import Penalty
+from .activations import BatchTopK, JumpReLU, KSparse, TopK, get_activation
+
+__all__ = ["ForwardOutput", "SparseAutoencoder"]
+
+Decoder = Literal["linear", "sigmoid"]
+ReconLoss = Literal["half_sse", "mse"]
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one forward computes. Shapes: ``x`` is ``(batch, d_in)``.
+
+    Attributes:
+        reconstruction: x̂ ``(batch, d_in)``.
+        code: the hidden code ``(batch, d_hidden)``.
+        reconstruction_loss: scalar; ``(1/m) Σ ½‖x̂ − x‖²`` (``half_sse``, CS294A) or the mean
+            squared error per element (``mse``).
+        sparsity_loss: scalar, the weighted penalty on the code (0 without a penalty).
+        weight_decay_loss: scalar, ``(λ/2) Σ‖W‖²`` over the weight matrices (not biases).
+        auxk_loss: scalar, the AuxK loss for dead latents (0 unless enabled).
+    """
+
+    reconstruction: Tensor
+    code: Tensor
+    reconstruction_loss: Tensor
+    sparsity_loss: Tensor
+    weight_decay_loss: Tensor
+    auxk_loss: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """The training objective: the sum of all terms."""
+        return self.reconstruction_loss + self.sparsity_loss + self.weight_decay_loss + self.auxk_loss
+
+
+class SparseAutoencoder(nn.Module):
+    """A one-hidden-layer sparse autoencoder ``x → act(W_enc (x − b_pre) + b_enc) → W_dec h + b_dec``.
+
+    Args:
+        d_in: input size.
+        d_hidden: number of hidden units (``d_sae``).
+        activation: ``sigmoid`` (default), ``relu``, ``topk``, ``batchtopk``, ``jumprelu``,
+            ``ksparse``, or an ``nn.Module``.
+        k: active units for the top-k family.
+        decoder: ``sigmoid`` output units (classic; inputs in [0, 1]) or ``linear`` (default).
+        tied: decoder weight = encoder weightᵀ.
+        penalty: a Penalty on the hidden code (e.g. ``BernoulliKL(0.01, weight=3)``), or None.
+        weight_decay: λ of ``(λ/2)(‖W_enc‖² + ‖W_dec‖²)``, weights only. Default 0.
+        recon_loss: ``half_sse`` (CS294A, default) or ``mse``.
+        unit_norm_decoder: keep each decoder row (one per hidden unit) at unit norm; call
+            :meth:`normalize_decoder` after each optimiser step and
+            :meth:`remove_parallel_gradient` before it.
+        pre_bias: subtract the decoder bias from the input before encoding (Gao et al. 2024).
+        auxk: number of dead latents used by the AuxK loss (Gao et al. 2024); None disables it.
+        auxk_coef: coefficient of the AuxK loss. Default 1/32.
+        dead_after: a unit is dead when it has not fired in this many samples. Default 10,000.
+        init: ``ufldl`` (uniform ±√(6/(d_in + d_hidden + 1)), zero biases) or ``orthogonal_tied``
+            (decoder rows unit norm, encoder = decoderᵀ, as in Gao et al.).
+        device, dtype: factory arguments.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_hidden: int,
+        activation: str | nn.Module = "sigmoid",
+        *,
+        k: int | None = None,
+        decoder: Decoder = "linear",
+        tied: bool = False,
+        penalty: Penalty | None = None,
+        weight_decay: float = 0.0,
+        recon_loss: ReconLoss = "half_sse",
+        unit_norm_decoder: bool = False,
+        pre_bias: bool = False,
+        auxk: int | None = None,
+        auxk_coef: float = 1 / 32,
+        dead_after: int = 10_000,
+        init: Literal["ufldl", "orthogonal_tied"] = "ufldl",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("d_in", d_in), ("d_hidden", d_hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if decoder not in ("linear", "sigmoid"):
+            raise ValueError(f"decoder must be 'linear' or 'sigmoid', got {decoder!r}")
+        if recon_loss not in ("half_sse", "mse"):
+            raise ValueError(f"recon_loss must be 'half_sse' or 'mse', got {recon_loss!r}")
+        if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if penalty is not None and not isinstance(penalty, Penalty):
+            raise TypeError(f"penalty must be an actsparse Penalty, got {type(penalty).__name__}")
+        if auxk is not None and not (isinstance(auxk, int) and 1 <= auxk <= d_hidden):
+            raise ValueError(f"auxk must be an int in [1, d_hidden={d_hidden}], got {auxk!r}")
+        fk = {"device": device, "dtype": dtype}
+        self.d_in, self.d_hidden = d_in, d_hidden
+        if isinstance(activation, nn.Module):
+            self.activation = activation
+        else:
+            extra = fk if activation.lower() == "jumprelu" else {}
+            self.activation = get_activation(activation, d_sae=d_hidden, k=k, **extra)
+        self.decoder_kind = decoder
+        self.tied = bool(tied)
+        self.penalty = penalty
+        self.weight_decay = float(weight_decay)
+        self.recon_loss = recon_loss
+        self.unit_norm_decoder = bool(unit_norm_decoder)
+        self.pre_bias = bool(pre_bias)
+        self.auxk = auxk
+        self.auxk_coef = float(auxk_coef)
+        self.dead_after = int(dead_after)
+
+        self.W_enc = nn.Parameter(torch.empty(d_hidden, d_in, **fk))
+        self.b_enc = nn.Parameter(torch.zeros(d_hidden, **fk))
+        self.W_dec = None if tied else nn.Parameter(torch.empty(d_in, d_hidden, **fk))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
+        # samples since each unit last fired (dead-unit tracking, AuxK)
+        self.register_buffer("samples_since_fired", torch.zeros(d_hidden, dtype=torch.long, device=device))
+        self.reset_parameters(init)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def decoder_weight(self) -> Tensor:
+        """The decoder matrix ``(d_in, d_hidden)``; column j is hidden unit j's dictionary atom."""
+        return self.W_enc.t() if self.W_dec is None else self.W_dec
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "ufldl") -> None:
+        if init == "ufldl":
+            r = math.sqrt(6.0 / (self.d_in + self.d_hidden + 1))  # CS294A exercise
+            self.W_enc.uniform_(-r, r)
+            if self.W_dec is not None:
+                self.W_dec.uniform_(-r, r)
+        elif init == "orthogonal_tied":
+            w = torch.randn_like(self.W_enc.t())
+            w /= w.norm(dim=0, keepdim=True)
+            if self.W_dec is not None:
+                self.W_dec.copy_(w)
+            self.W_enc.copy_(w.t())
+        else:
+            raise ValueError(f"init must be 'ufldl' or 'orthogonal_tied', got {init!r}")
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale each hidden unit's decoder atom to unit norm (call after the optimiser step)."""
+        w = self.decoder_weight
+        w /= w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Remove from the decoder gradient its component parallel to each atom (unit-norm SAEs)."""
+        w = self.decoder_weight
+        g = self.W_enc.grad.t() if self.W_dec is None else self.W_dec.grad
+        if g is None:
+            return
+        g -= (g * w).sum(dim=0, keepdim=True) * w
+
+    # ------------------------------------------------------------------ forward
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations ``(batch, d_hidden)``."""
+        if self.pre_bias:
+            x = x - self.b_dec
+        return nn.functional.linear(x, self.W_enc, self.b_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The hidden code ``(batch, d_hidden)``."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, h: Tensor) -> Tensor:
+        """The reconstruction ``(batch, d_in)``."""
+        out = nn.functional.linear(h, self.decoder_weight, self.b_dec)
+        return torch.sigmoid(out) if self.decoder_kind == "sigmoid" else out
+
+    def _recon(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        sq = (x_hat - x).square()
+        if self.recon_loss == "half_sse":
+            return 0.5 * sq.sum() / x.shape[0]
+        return sq.mean()
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        """Encode, decode and compute every loss term. ``x``: ``(batch, d_in)``."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"expected input of shape (batch, {self.d_in}), got {tuple(x.shape)}")
+        pre = self.encode_pre(x)
+        h = self.activation(pre)
+        x_hat = self.decode(h)
+        zero = x_hat.new_zeros(())
+        recon = self._recon(x_hat, x)
+        sparsity = self.penalty(h) if self.penalty is not None else zero
+        decay = zero
+        if self.weight_decay:
+            mats = [self.W_enc] if self.W_dec is None else [self.W_enc, self.W_dec]
+            decay = 0.5 * self.weight_decay * sum(w.square().sum() for w in mats)
+        if self.training:
+            self._track_firing(h)
+        auxk = self._auxk_loss(pre, x, x_hat) if (self.auxk and self.training) else zero
+        return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk)
+
+    @torch.no_grad()
+    def _track_firing(self, h: Tensor) -> None:
+        fired = (h > 0).any(dim=0)
+        self.samples_since_fired += h.shape[0]
+        self.samples_since_fired[fired] = 0
+
+    @property
+    def dead_mask(self) -> Tensor:
+        """``(d_hidden,)`` bool: units that have not fired in the last ``dead_after`` samples."""
+        return self.samples_since_fired >= self.dead_after
+
+    def _auxk_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024): reconstruct the residual with the top-k_aux *dead* latents,
+        normalised by the residual's variance; zero when no unit is dead."""
+        dead = self.dead_mask
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x_hat.new_zeros(())
+        k_aux = min(self.auxk, n_dead)
+        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        values, idx = masked.topk(k_aux, dim=-1)
+        h_aux = torch.zeros_like(pre).scatter(-1, idx, values)
+        residual = (x - x_hat).detach()
+        r_hat = nn.functional.linear(h_aux, self.decoder_weight)
+        denom = (residual - residual.mean(0)).square().sum().clamp_min(1e-12)
+        return self.auxk_coef * (r_hat - residual).square().sum() / denom
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell schedules (k-sparse annealing) how far training is, in [0, 1]."""
+        if isinstance(self.activation, KSparse):
+            self.activation.set_progress(fraction)
+
+    @property
+    def k(self) -> int | None:
+        act = self.activation
+        return act.k if isinstance(act, (TopK, BatchTopK, KSparse)) else None
+
+    @property
+    def threshold(self) -> Tensor | None:
+        return self.activation.threshold if isinstance(self.activation, JumpReLU) else None
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, decoder={self.decoder_kind}, tied={self.tied}, "
+                f"weight_decay={self.weight_decay:g}")
