@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .penalties import Penalty
 
-__all__ = ["attach", "regularize", "Attachment", "TargetStats", "find_targets"]
+__all__ = ["attach", "regularize", "Regularized", "Attachment", "TargetStats", "find_targets"]
 
 Target = Union[str, type, nn.Module]
 Capture = Literal["train", "always"]
@@ -49,7 +49,8 @@ def regularize(module: nn.Module, penalty: Penalty) -> nn.Module:
     The penalty becomes the child module ``module.activity_regularizer`` (so it follows
     ``.to()``, ``.train()``/``.eval()`` and ``state_dict`` with the model) and is collected by
     :func:`attach` like any other target. Returns ``module`` itself, so its parameter names do
-    not change.
+    not change — except for an ``nn.Sequential``, which runs every child in turn: it is wrapped
+    in a :class:`Regularized` module (parameters then live under ``module.``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"regularize() takes an nn.Module, got {type(module).__name__}")
@@ -63,8 +64,23 @@ def regularize(module: nn.Module, penalty: Penalty) -> nn.Module:
         )
     if isinstance(existing, Penalty):
         penalty = existing + penalty
+    if isinstance(module, nn.Sequential):
+        return Regularized(module, penalty)
     module.add_module(REGULARIZER_ATTR, penalty)
     return module
+
+
+class Regularized(nn.Module):
+    """``module`` with a declared output penalty, for modules that cannot hold one as a child
+    (``nn.Sequential`` would run it as a layer). Built by :func:`regularize`."""
+
+    def __init__(self, module: nn.Module, penalty: Penalty) -> None:
+        super().__init__()
+        self.module = module
+        self.add_module(REGULARIZER_ATTR, penalty)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 def _describe(target: Target) -> str:
@@ -153,7 +169,7 @@ class TargetStats:
         target: the penalty's target ρ, if it has one.
         active_fraction: fraction of activations above the firing threshold.
         dead_units: units that never fired in the latest forward.
-        units: number of units.
+        units: number of units (summed over the widths, if the module ran on several).
         calls: how many times the module ran in the latest forward.
     """
 
@@ -169,7 +185,7 @@ class TargetStats:
 class _Hooked:
     """One (module, penalty) pair and what its hook captured in the current forward."""
 
-    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "rho_sum", "fire_sum")
+    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "unit_sums")
 
     def __init__(self, name: str, module: nn.Module, penalty: Penalty) -> None:
         self.name = name
@@ -181,8 +197,18 @@ class _Hooked:
     def clear(self) -> None:
         self.value: Tensor | None = None
         self.calls = 0
-        self.rho_sum: Tensor | None = None
-        self.fire_sum: Tensor | None = None
+        # per width: [calls, Σ ρ̂ (units,), Σ firing fraction (units,)]; a module called on
+        # inputs of different widths (one ReLU after layers of 32 and 16 units) keeps one entry each
+        self.unit_sums: dict[int, list] = {}
+
+    def add_stats(self, rho: Tensor, fire: Tensor) -> None:
+        entry = self.unit_sums.get(rho.numel())
+        if entry is None:
+            self.unit_sums[rho.numel()] = [1, rho, fire]
+        else:
+            entry[0] += 1
+            entry[1] = entry[1] + rho
+            entry[2] = entry[2] + fire
 
 
 class Attachment:
@@ -263,8 +289,7 @@ class Attachment:
             h.calls += 1
             if self.track_stats:
                 rho, fire = _unit_stats(a, penalty)
-                h.rho_sum = rho if h.rho_sum is None else h.rho_sum + rho
-                h.fire_sum = fire if h.fire_sum is None else h.fire_sum + fire
+                h.add_stats(rho, fire)
 
         return hook
 
@@ -319,12 +344,13 @@ class Attachment:
         out: dict[str, TargetStats] = {}
         for key, h in self._keyed():
             target = getattr(h.penalty, "target", None)
-            if h.calls == 0 or h.rho_sum is None or h.fire_sum is None:
+            if h.calls == 0 or not h.unit_sums:
                 value = float(h.value.detach()) if h.value is not None else math.nan
                 out[key] = TargetStats(value, math.nan, target, math.nan, 0, 0, h.calls)
                 continue
-            rho = h.rho_sum / h.calls
-            fire = h.fire_sum / h.calls
+            # average calls of the same width; units of different widths are listed side by side
+            rho = torch.cat([r / n for n, r, _ in h.unit_sums.values()])
+            fire = torch.cat([f / n for n, _, f in h.unit_sums.values()])
             out[key] = TargetStats(
                 penalty=float(h.value.detach()) if h.value is not None else math.nan,
                 mean_rho_hat=float(rho.mean()),

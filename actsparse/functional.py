@@ -441,6 +441,10 @@ def hoyer(a: Tensor, *, check: bool = True) -> Tensor:
     """
     _check_activations(a)
     x = a.to(_compute_dtype(a.dtype)).reshape(a.shape[0], -1)
+    # The measure is scale-invariant (degree 0), so dividing each sample by a detached positive
+    # constant leaves value and gradient exactly unchanged, while keeping Σa² away from underflow.
+    scale = x.detach().abs().amax(dim=1, keepdim=True)
+    x = x / torch.where(scale > 0, scale, torch.ones_like(scale))
     s1 = x.abs().sum(dim=1)
     s2 = x.square().sum(dim=1)
     nonzero = s2 != 0  # NaN stays in (and is reported), only exact zeros are masked

@@ -252,7 +252,9 @@ class FrequencyKL(RatePenalty):
         threshold: θ, a float or a learnable ``(units,)`` tensor; a unit fires when ``a > θ``.
         bandwidth: ε, the width of the pseudo-gradient window around θ, in activation units.
             Only activations within ε/2 of θ are pushed; scale it with your activations.
-        unit_dim, momentum, eps, check: as for :class:`RatePenalty`.
+        eps: clamp of f̂ into [eps, 1 − eps] (straight-through). Default ``min(0.01, target/2)``:
+            frequencies of exactly 0 or 1 are common, and a tiny eps gives them a huge slope.
+        unit_dim, momentum, check: as for :class:`RatePenalty`.
     """
 
     def __init__(
@@ -264,9 +266,15 @@ class FrequencyKL(RatePenalty):
         bandwidth: float = F.DEFAULT_BANDWIDTH,
         unit_dim: int = -1,
         momentum: float | None = None,
-        eps: float = F.DEFAULT_EPS,
+        eps: float | None = None,
         check: bool = True,
     ) -> None:
+        F.check_probability("target ρ", target)
+        if eps is None:
+            # A frequency of exactly 0 or 1 is common (a whole batch silent or firing); at
+            # eps=1e-6 the KL's slope there is ~β/1e-6, one such step swamps Adam's second-moment
+            # estimate and training stalls. 1e-2 (about 1/batch) keeps it usable.
+            eps = min(1e-2, target / 2)
         super().__init__(
             target, weight, unit_dim=unit_dim, momentum=momentum, eps=eps, check=check
         )

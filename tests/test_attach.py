@@ -99,6 +99,30 @@ def test_module_called_twice_counts_twice():
     assert reg.stats()["act"].calls == 2
 
 
+def test_one_module_on_two_widths():
+    # seed 004's model: one ReLU after layers of 32 and then 16 units
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = nn.Linear(8, 32), nn.Linear(32, 16), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.b(self.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    m = M().double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    reg = actsparse.attach(m, {"relu": actsparse.L1(0.01)})
+    m(x)
+    h1 = torch.relu(m.a(x))
+    h2 = torch.relu(m.b(h1))
+    assert float(reg.penalty()) == pytest.approx(float(0.01 * (h1.abs().sum() + h2.abs().sum()) / 4), rel=1e-12)
+    s = reg.stats()["relu"]
+    assert s.units == 48 and s.calls == 2
+    both = torch.cat([h1.mean(0), h2.mean(0)])
+    assert s.mean_rho_hat == pytest.approx(float(both.mean()), rel=1e-6)
+
+
 def test_each_forward_starts_fresh(model):
     reg = actsparse.attach(model, {"encoder.3": actsparse.L1(1.0)})
     x1, x2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
@@ -200,6 +224,12 @@ def test_thousand_steps_constant_hooks_and_memory(model):
         gc.collect()
         return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
 
+    def check_kept(reg):  # a function, so that no reference outlives the check
+        for h in reg._hooked:
+            assert h.calls == 1 and h.value.dim() == 0
+            ((n, rho, fire),) = h.unit_sums.values()
+            assert n == 1 and rho.dim() == 1 and rho.shape == fire.shape
+
     counts = []
     for step in range(1000):
         x = torch.randn(8, 6, dtype=torch.float64)
@@ -211,9 +241,7 @@ def test_thousand_steps_constant_hooks_and_memory(model):
             counts.append(live_tensors())
             assert _n_hooks(model) == hooks
             # what the hooks keep: one scalar and two (units,) vectors per target, no activations
-            for h in reg._hooked:
-                assert h.calls == 1 and h.value.dim() == 0
-                assert h.rho_sum.shape == h.fire_sum.shape == (h.rho_sum.numel(),)
+            check_kept(reg)
     del loss
     assert counts[0] == counts[1] == counts[2], counts
 
@@ -315,3 +343,15 @@ def test_attachment_state_dict_roundtrip(model):
     reg2 = actsparse.attach(model, {"encoder.1": actsparse.BernoulliKL(0.1, momentum=0.9)})
     reg2.load_state_dict(sd)
     torch.testing.assert_close(reg2.penalties[0].running_rate, p.running_rate)
+
+
+def test_regularize_a_sequential_keeps_its_output():
+    torch.manual_seed(0)
+    block = actsparse.regularize(nn.Sequential(nn.Linear(4, 3), nn.Sigmoid()), actsparse.L1(0.1))
+    x = torch.rand(2, 4)
+    y = block(x)
+    assert y.shape == (2, 3)  # not a scalar: the penalty is not run as a layer
+    model = nn.Sequential(block)
+    reg = actsparse.attach(model)
+    model(x)
+    assert float(reg.penalty()) == pytest.approx(float(0.1 * y.abs().sum() / 2), rel=1e-6)

@@ -1,0 +1,158 @@
+"""The ``actsparse`` command. Parses arguments (generated from :class:`~actsparse.config.TrainConfig`
+by tyro) and calls the library; bad input ends with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class _MissingExtra(RuntimeError):
+    pass
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise _MissingExtra(
+            f"the actsparse command needs {module!r}: pip install 'actsparse[cli]'"
+        ) from err
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--config FILE`` (or ``--config=FILE``) out of argv: the file supplies defaults."""
+    rest, path = [], None
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a file name")
+            path = argv[i + 1]
+            next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return path, rest
+
+
+def cmd_train(argv: list[str]) -> int:
+    """``actsparse train [flags]``: train and write ``runs/<name>/``."""
+    tyro = _need("tyro")
+    from .config import TrainConfig, load_config_file
+
+    path, rest = _split_config_flag(argv)
+    defaults = TrainConfig(**load_config_file(path)) if path else TrainConfig()
+    cfg = tyro.cli(TrainConfig, default=defaults, args=rest, prog="actsparse train",
+                   description="Train a sparse autoencoder. Defaults: the classic CS294A exercise.")
+    cfg.config = path
+    from .runner import run_training
+
+    run_training(cfg, echo=print)
+    return 0
+
+
+@dataclass
+class GradcheckArgs:
+    """Compare the analytic gradient with central differences (ε = 1e-4) in float64."""
+
+    activation: Literal["sigmoid", "relu"] = "sigmoid"
+    """Hidden activation."""
+    penalty: str = "kl"
+    """Penalty name (see actsparse.PENALTIES)."""
+    target: float = 0.01
+    """Target ρ of a KL penalty."""
+    weight: float = 3.0
+    """Penalty coefficient β."""
+    weight_decay: float = 1e-4
+    """λ."""
+    d_in: int = 8
+    """Input size of the small model checked."""
+    hidden: int = 5
+    """Hidden units of the small model checked."""
+    samples: int = 20
+    """Samples in the batch."""
+    tolerance: float = 1e-9
+    """Largest relative difference accepted (UFLDL's bar)."""
+    seed: int = 0
+    """Random seed."""
+
+
+def cmd_gradcheck(argv: list[str]) -> int:
+    """``actsparse gradcheck``: exits 1 if the relative difference exceeds the tolerance."""
+    tyro = _need("tyro")
+    import torch
+
+    from .config import TrainConfig
+    from .gradcheck import relative_gradient_error
+    from .train import build_model
+
+    a = tyro.cli(GradcheckArgs, args=argv, prog="actsparse gradcheck")
+    cfg = TrainConfig(hidden=a.hidden, activation=a.activation, penalty=a.penalty, target=a.target,
+                      weight=a.weight, weight_decay=a.weight_decay,
+                      decoder="sigmoid" if a.activation == "sigmoid" else "linear", seed=a.seed)
+    torch.manual_seed(a.seed)
+    model = build_model(cfg, a.d_in).double()
+    with torch.no_grad():  # non-zero biases so their gradients are checked too
+        for p in (model.b_enc, model.b_dec):
+            p.uniform_(-0.1, 0.1)
+    x = torch.rand(a.samples, a.d_in, dtype=torch.float64) * 0.8 + 0.1
+    err = relative_gradient_error(lambda: model(x).loss, list(model.parameters()), eps=1e-4)
+    ok = err < a.tolerance
+    print(f"gradient check ({a.activation}, {a.penalty}, float64, eps=1e-4): relative difference {err:.3e} "
+          f"{'<' if ok else '>='} {a.tolerance:g} -> {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+COMMANDS = {"train": cmd_train, "gradcheck": cmd_gradcheck}
+
+
+def _usage() -> str:
+    return ("usage: actsparse {train,gradcheck} [flags]\n"
+            "  train      train a sparse autoencoder (defaults: the classic CS294A exercise)\n"
+            "  gradcheck  numerical vs analytic gradient of the classic model in float64\n"
+            "Run 'actsparse COMMAND --help' for the flags of a command.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else EXIT_USAGE
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"actsparse {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"actsparse: error: unknown command {name!r}{hint}\n{_usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[name](rest)
+    except KeyboardInterrupt:
+        print("actsparse: interrupted; the last checkpoint written (if any) is kept", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except (ValueError, KeyError, TypeError, FileNotFoundError, PermissionError, _MissingExtra, RuntimeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"actsparse {name}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # python -m actsparse.cli
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Typed configuration of a training run. The ``actsparse train`` flags are generated from it.
+
+The defaults are the classic CS294A exercise (GUIDE §3): 10,000 8×8 natural-image patches,
+64 → 25 → 64 sigmoid autoencoder, ρ = 0.01, λ = 1e-4, β = 3, L-BFGS for 400 iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .penalties import PENALTIES
+
+__all__ = ["TrainConfig", "load_config_file", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used (the message says which and why)."""
+
+
+Activation = Literal["sigmoid", "relu", "topk", "batchtopk", "jumprelu", "ksparse"]
+Optimizer = Literal["lbfgs", "adam", "sgd"]
+Whiten = Literal["none", "1/f", "zca"]
+
+
+@dataclass
+class TrainConfig:
+    """Train a sparse autoencoder and write config, weights, metrics and figures to ``out/name``."""
+
+    data: str = "patches"
+    """Data source: ``patches`` (embedded natural images), ``digits`` (scikit-learn), ``synthetic``
+    (sparse ground truth), or a file (.npy/.npz/.pt/.safetensors/.csv)."""
+    samples: int = 10_000
+    """Number of samples to draw (patches, synthetic)."""
+    patch_size: int = 8
+    """Side of the square patches."""
+    whiten: Whiten = "1/f"
+    """Whitening of the images before patches are cut (``1/f``, ``zca`` with ε = 0.1, or ``none``)."""
+
+    hidden: int = 25
+    """Number of hidden units (d_sae)."""
+    activation: Activation = "sigmoid"
+    """Hidden activation."""
+    k: int | None = None
+    """Active units for topk, batchtopk and ksparse."""
+    decoder: Literal["sigmoid", "linear"] = "sigmoid"
+    """Output units: ``sigmoid`` (inputs in [0, 1]) or ``linear``."""
+    tied: bool = False
+    """Tie the decoder to the encoder's transpose."""
+
+    penalty: str | None = "kl"
+    """Sparsity penalty on the hidden code: one of the registry names, or ``none``."""
+    target: float = 0.01
+    """Target ρ of a KL penalty."""
+    weight: float = 3.0
+    """Coefficient β (or λ for L1/L2/Hoyer) of the penalty."""
+    weight_decay: float = 1e-4
+    """λ of the weight decay (λ/2)Σ‖W‖², weights only."""
+
+    optimizer: Optimizer = "lbfgs"
+    """``lbfgs`` (full batch) or a minibatch optimiser."""
+    iterations: int = 400
+    """L-BFGS iterations."""
+    epochs: int = 10
+    """Passes over the data for minibatch optimisers."""
+    batch_size: int = 256
+    """Minibatch size."""
+    lr: float = 1e-3
+    """Learning rate of minibatch optimisers."""
+    validation: float = 0.1
+    """Fraction of samples held out for the validation loss (reported without the penalty)."""
+
+    seed: int = 0
+    """Random seed (data sampling, initialisation, shuffling)."""
+    out: str = "runs"
+    """Folder that receives the run folder."""
+    name: str = "classic"
+    """Run name: results go to ``out/name``."""
+    plots: bool = True
+    """Write PNG figures."""
+    progress: bool = True
+    """Show a progress bar."""
+    config: str | None = field(default=None)
+    """A TOML or YAML file of these fields; flags given on the command line win."""
+
+    def __post_init__(self) -> None:
+        positive_ints = ("samples", "patch_size", "hidden", "iterations", "epochs", "batch_size")
+        for name in positive_ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+            raise ConfigError(f"--k must be a positive integer, got {self.k!r}")
+        if self.activation in ("topk", "batchtopk", "ksparse"):
+            if self.k is None:
+                raise ConfigError(f"--activation {self.activation} needs --k (the number of active units)")
+            if self.k > self.hidden:
+                raise ConfigError(f"--k {self.k} is larger than --hidden {self.hidden}")
+        if self.penalty is not None and self.penalty.lower() == "none":
+            self.penalty = None
+        if self.penalty is not None and self.penalty.lower().replace("-", "_") not in PENALTIES:
+            raise ConfigError(f"unknown --penalty {self.penalty!r}; valid: {', '.join(sorted(PENALTIES))}, none")
+        for name in ("weight", "weight_decay", "lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.validation < 1:
+            raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of :class:`TrainConfig` fields.
+
+    Raises:
+        ConfigError: missing file, parse error (with the parser's message), unknown keys.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            values = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError as err:
+                raise ConfigError("reading YAML needs PyYAML: pip install 'actsparse[cli]'") from err
+            values = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ConfigError(f"config file must be .toml, .yaml, .yml or .json, got {p.name}")
+    except ConfigError:
+        raise
+    except Exception as err:  # parser errors of three libraries
+        raise ConfigError(f"cannot parse {p}: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p} must hold a table of settings, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    return values

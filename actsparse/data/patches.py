@@ -1,0 +1,81 @@
+"""Natural-image patches from images shipped inside installed packages (nothing is downloaded).
+
+UFLDL's ``sampleIMAGES`` + ``normalizeData`` (CS294A exercise): random 8×8 patches of grey
+images, each patch's mean removed, clipped to ±3σ (σ over all patch pixels), rescaled to
+[0.1, 0.9] so that sigmoid output units can reproduce them.
+
+The exercise used images pre-whitened with Olshausen & Field's 1/f filter (IMAGES.mat); here the
+same filter is applied to scikit-learn's sample photographs (``whiten="1/f"``, the default). On
+unwhitened photographs, whose power falls as 1/f², the hidden units learn smooth blobs instead
+of localised oriented edges. ``whiten="zca"`` applies ZCA to the patches (ε = 0.1) instead, as the
+linear-decoder exercise does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["grey_sample_images", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten", "natural_patches"]
+
+
+def grey_sample_images() -> list[np.ndarray]:
+    """scikit-learn's two sample photographs (temple, flower) as float64 grey images in [0, 1]."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("the embedded image patches need scikit-learn: pip install 'actsparse[cli]'") from err
+    rgb = load_sample_images().images
+    return [img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0 for img in rgb]
+
+
+def whiten_1f(img: np.ndarray, f0: float = 0.4) -> np.ndarray:
+    """Olshausen & Field (1997) whitening: spectrum × |f|·exp(−(|f|/f0)⁴), f in cycles/pixel.
+
+    |f| flattens the ~1/f amplitude spectrum of natural images; the exponential removes the
+    highest frequencies (noise, JPEG artefacts). Returns the image scaled to unit variance.
+    """
+    fy = np.fft.fftfreq(img.shape[0])[:, None]
+    fx = np.fft.fftfreq(img.shape[1])[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    out = np.real(np.fft.ifft2(np.fft.fft2(img - img.mean()) * f * np.exp(-((f / f0) ** 4))))
+    return out / out.std()
+
+
+def sample_patches(images: list[np.ndarray], n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` random ``size``×``size`` patches ``(n, size*size)``, drawn evenly over ``images``."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size * size))
+    for i in range(n):
+        img = images[i % len(images)]
+        r = rng.integers(0, img.shape[0] - size + 1)
+        c = rng.integers(0, img.shape[1] - size + 1)
+        out[i] = img[r:r + size, c:c + size].reshape(-1)
+    return out
+
+
+def normalize_patches(p: np.ndarray) -> np.ndarray:
+    """UFLDL ``normalizeData``: remove each patch's mean, clip to ±3σ, rescale to [0.1, 0.9]."""
+    p = p - p.mean(axis=1, keepdims=True)
+    s = 3 * p.std()
+    return (np.clip(p, -s, s) / s + 1) * 0.4 + 0.1
+
+
+def zca_whiten(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
+    """ZCA whitening of rows ``(n, d)`` with regulariser ε (UFLDL linear decoder: ε = 0.1)."""
+    p = p - p.mean(axis=0)
+    cov = p.T @ p / p.shape[0]
+    u, s, _ = np.linalg.svd(cov)
+    return p @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
+
+
+def natural_patches(n: int = 10_000, size: int = 8, whiten: str = "1/f", seed: int = 0) -> np.ndarray:
+    """The default data set: ``(n, size*size)`` float64 patches in [0.1, 0.9] (ZCA: unbounded)."""
+    images = grey_sample_images()
+    if whiten == "1/f":
+        images = [whiten_1f(im) for im in images]
+    elif whiten not in ("none", "zca"):
+        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
+    p = sample_patches(images, n, size, seed)
+    if whiten == "zca":
+        return zca_whiten(p - p.mean(axis=1, keepdims=True))
+    return normalize_patches(p)

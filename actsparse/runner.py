@@ -1,0 +1,86 @@
+"""One training run end to end, as ``actsparse train`` does it: data → train → files → figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import TrainConfig
+from .train import TrainResult, train
+
+__all__ = ["prepare_run_dir", "run_training"]
+
+
+def prepare_run_dir(cfg: TrainConfig, min_free_bytes: int = 50 * 2**20) -> Path:
+    """Create ``out/name`` and prove it is writable with enough free space, before any training."""
+    run_dir = Path(cfg.out) / cfg.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write to the output folder {run_dir}: {err.strerror or err}") from err
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise OSError(f"only {free / 2**20:.1f} MiB free in {run_dir}; need at least {min_free_bytes / 2**20:.0f} MiB")
+    return run_dir
+
+
+def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    if not cfg.progress:
+        return (lambda rec: None), (lambda: None)
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError:
+        return (lambda rec: None), (lambda: None)
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(rec: dict) -> None:
+        bar.n = int(rec["step"])
+        bar.set_postfix(loss=f"{rec['loss']:.4g}", l0=f"{rec['l0']:.3g}", rho=f"{rec['mean_activation']:.4f}",
+                        refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
+    """Load the data, train, and write ``config.json``, ``model.safetensors``, ``metrics.json``,
+    ``metrics.jsonl`` and the figures into ``out/name``; print where everything went."""
+    from .data import load_data
+
+    run_dir = prepare_run_dir(cfg)
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    echo(f"data: {data.description} -> {tuple(data.x.shape)}")
+    if cfg.optimizer == "lbfgs":
+        total = cfg.iterations
+    else:
+        n_train = data.x.shape[0] - int(round(cfg.validation * data.x.shape[0]))
+        total = cfg.epochs * -(-n_train // cfg.batch_size)
+    update, close = _progress(cfg, total)
+    try:
+        result = train(cfg, data.x, run_dir=run_dir, on_step=update)
+    finally:
+        close()
+    metrics = result.metrics | {"data": data.description, "total_seconds": time.perf_counter() - t0}
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, run_dir / "metrics.json")
+    written = ["config.json", "model.safetensors", "metrics.json", "metrics.jsonl"]
+    if cfg.plots:
+        from .plots import write_figures
+
+        written += write_figures(run_dir, result, data)
+    echo(f"wrote {run_dir}/: {', '.join(written)}")
+    m = result.metrics
+    target = f" (target {cfg.target:g})" if cfg.penalty and "kl" in cfg.penalty.lower() else ""
+    echo(f"trained {cfg.hidden} hidden units, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
+         f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, FVU {m['fvu']:.3f}, L0 {m['l0']:.2f}, "
+         f"mean activation {m['mean_activation']:.4f}{target}")
+    return result

@@ -1,0 +1,232 @@
+"""Training loop: full-batch L-BFGS (the CS294A exercise) and minibatch optimisers.
+
+The loss is the model's :class:`~actsparse.models.ForwardOutput` ``.loss`` (reconstruction +
+weight decay + sparsity penalty + AuxK); the validation loss is reported without the penalty.
+Math lives in the model and the penalties; this module only loops, logs and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import metrics as M
+from .config import TrainConfig
+from .models import SparseAutoencoder
+from .penalties import get_penalty
+
+__all__ = ["build_model", "train", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message names the step."""
+
+
+def build_model(cfg: TrainConfig, d_in: int) -> SparseAutoencoder:
+    """The autoencoder a config describes, for inputs of size ``d_in``."""
+    penalty = None
+    if cfg.penalty is not None:
+        kwargs: dict[str, Any] = {"weight": cfg.weight}
+        if cfg.penalty.lower().replace("-", "_") in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
+            kwargs["target"] = cfg.target
+        penalty = get_penalty(cfg.penalty, **kwargs)
+    modern = cfg.activation in ("topk", "batchtopk", "jumprelu")
+    return SparseAutoencoder(
+        d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
+        weight_decay=cfg.weight_decay, recon_loss="half_sse" if cfg.activation == "sigmoid" else "mse",
+        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl",
+    )
+
+
+@torch.no_grad()
+def evaluate(model: SparseAutoencoder, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Metrics of ``model`` on ``x`` ``(n, d_in)``, in eval mode: reconstruction loss, FVU, L0,
+    ρ̂ (mean over units, target), penalty value, and the fraction of units that never fired."""
+    was_training = model.training
+    model.eval()
+    recon, penalty, n = 0.0, 0.0, 0
+    codes, recons = [], []
+    for xb in x.split(batch_size):
+        out = model(xb)
+        recon += float(out.reconstruction_loss) * xb.shape[0]
+        penalty += float(out.sparsity_loss) * xb.shape[0]
+        n += xb.shape[0]
+        codes.append(out.code)
+        recons.append(out.reconstruction)
+    model.train(was_training)
+    code, x_hat = torch.cat(codes), torch.cat(recons)
+    rho = code.double().mean(0)
+    return {
+        "reconstruction": recon / n,
+        "penalty": penalty / n,
+        "fvu": float(M.fvu(x, x_hat)),
+        "l0": float(M.l0(code)),
+        "mean_activation": float(rho.mean()),
+        "fraction_dead": float((code != 0).sum(0).eq(0).double().mean()),
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+
+
+def save_checkpoint(run_dir: Path, model: SparseAutoencoder, cfg: TrainConfig, d_in: int) -> None:
+    """Write ``model.safetensors`` and ``config.json`` atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p)))
+    cfg_dict = cfg.to_dict() | {"d_in": d_in}
+    _atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(cfg_dict, indent=2) + "\n"))
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig]:
+    """Rebuild the model of a run folder from its ``config.json`` and ``model.safetensors``."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} an actsparse run folder?")
+    values = json.loads((run_dir / "config.json").read_text())
+    d_in = int(values.pop("d_in"))
+    cfg = TrainConfig(**values)
+    model = build_model(cfg, d_in)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return model, cfg
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the model, final metrics and the per-step history."""
+
+    model: SparseAutoencoder
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def _check_finite(step: int, out) -> None:
+    if not math.isfinite(float(out.loss)):
+        terms = {k: float(getattr(out, k)) for k in ("reconstruction_loss", "sparsity_loss",
+                                                       "weight_decay_loss", "auxk_loss")}
+        raise TrainingError(f"the loss became non-finite at step {step}: {terms}")
+
+
+def train(
+    cfg: TrainConfig,
+    x: Tensor,
+    *,
+    run_dir: Path | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train the autoencoder ``cfg`` describes on ``x`` ``(n, d_in)``.
+
+    Args:
+        cfg: the run's configuration (optimizer, iterations/epochs, model, penalty, seed).
+        x: training data, float, ``(n, d_in)``; ``cfg.validation`` of it is held out.
+        run_dir: if given, ``metrics.jsonl`` (one line per logged step) and the checkpoint
+            (``model.safetensors`` + ``config.json``) are written there.
+        on_step: called with each logged record (the CLI's progress bar uses it).
+
+    Returns:
+        A :class:`TrainResult` with final metrics on the training and validation splits.
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"training data must be (samples, features) with at least 2 samples, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"training data contain {int((~torch.isfinite(x)).sum())} NaN/Inf values")
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n_val = int(round(cfg.validation * x.shape[0]))
+    x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
+    model = build_model(cfg, x.shape[1]).to(x.dtype)
+    history: list[dict[str, float]] = []
+    log_file = open(run_dir / "metrics.jsonl", "w") if run_dir is not None else None  # noqa: SIM115
+    start = time.perf_counter()
+
+    def record(step: int, out) -> None:
+        code = out.code.detach()
+        rec = {"step": step, "loss": float(out.loss), "reconstruction": float(out.reconstruction_loss),
+               "penalty": float(out.sparsity_loss), "weight_decay": float(out.weight_decay_loss),
+               "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
+               "seconds": time.perf_counter() - start}
+        history.append(rec)
+        if log_file is not None:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+        if on_step is not None:
+            on_step(rec)
+
+    try:
+        if cfg.optimizer == "lbfgs":
+            _train_lbfgs(cfg, model, x_train, record)
+        else:
+            _train_minibatch(cfg, model, x_train, g, record)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    seconds = time.perf_counter() - start
+    final = evaluate(model, x_train)
+    final |= {"target": cfg.target, "seconds": seconds, "steps": len(history)}
+    if n_val:
+        val = evaluate(model, x_val)
+        final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
+    if run_dir is not None:
+        save_checkpoint(run_dir, model, cfg, x.shape[1])
+    return TrainResult(model, final, history, run_dir)
+
+
+def _train_lbfgs(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, record) -> None:
+    # One L-BFGS iteration per .step() (max_iter=1): the history persists in the optimiser's
+    # state across steps, so this is the usual L-BFGS run, observed after every iteration.
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, history_size=100,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+    last = {}
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        out.loss.backward()
+        last["out"] = out
+        return out.loss
+
+    for it in range(1, cfg.iterations + 1):
+        opt.step(closure)
+        _check_finite(it, last["out"])
+        record(it, last["out"])
+
+
+def _train_minibatch(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, g: torch.Generator, record) -> None:
+    opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
+    opt = opt_cls(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    step = 0
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(x.shape[0], generator=g).split(cfg.batch_size):
+            model.set_progress(step / total)
+            out = model(x[idx])
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if model.unit_norm_decoder:
+                model.remove_parallel_gradient()
+            opt.step()
+            if model.unit_norm_decoder:
+                model.normalize_decoder()
+            step += 1
+            if step % 10 == 0 or step == total:
+                _check_finite(step, out)
+                record(step, out)
