@@ -118,8 +118,8 @@ class TrainResult:
 
 
 def _check_finite(step: int, out) -> None:
-    if not math.isfinite(float(out.loss)):
-        terms = {k: float(getattr(out, k)) for k in ("reconstruction_loss", "sparsity_loss",
+    if not math.isfinite(float(out.loss.detach())):
+        terms = {k: float(getattr(out, k).detach()) for k in ("reconstruction_loss", "sparsity_loss",
                                                        "weight_decay_loss", "auxk_loss")}
         raise TrainingError(f"the loss became non-finite at step {step}: {terms}")
 
@@ -159,8 +159,8 @@ def train(
 
     def record(step: int, out) -> None:
         code = out.code.detach()
-        rec = {"step": step, "loss": float(out.loss), "reconstruction": float(out.reconstruction_loss),
-               "penalty": float(out.sparsity_loss), "weight_decay": float(out.weight_decay_loss),
+        rec = {"step": step, "loss": float(out.loss.detach()), "reconstruction": float(out.reconstruction_loss.detach()),
+               "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
                "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
                "seconds": time.perf_counter() - start}
         history.append(rec)
@@ -192,8 +192,10 @@ def train(
 def _train_lbfgs(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, record) -> None:
     # One L-BFGS iteration per .step() (max_iter=1): the history persists in the optimiser's
     # state across steps, so this is the usual L-BFGS run, observed after every iteration.
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, history_size=100,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+    # max_eval bounds the line search's evaluations per iteration (its default, 5/4·max_iter, would
+    # be 1 here); zero tolerances so that the requested number of iterations is run.
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=100,
+                            line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
     last = {}
 
     def closure():

@@ -5,7 +5,8 @@ images, each patch's mean removed, clipped to ±3σ (σ over all patch pixels), 
 [0.1, 0.9] so that sigmoid output units can reproduce them.
 
 The exercise used images pre-whitened with Olshausen & Field's 1/f filter (IMAGES.mat); here the
-same filter is applied to scikit-learn's sample photographs (``whiten="1/f"``, the default). On
+same filter (f0 = 0.3 cycles/pixel) is applied to scikit-learn's sample photographs, halved in
+size first (``whiten="1/f"``, the default). On
 unwhitened photographs, whose power falls as 1/f², the hidden units learn smooth blobs instead
 of localised oriented edges. ``whiten="zca"`` applies ZCA to the patches (ε = 0.1) instead, as the
 linear-decoder exercise does.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["grey_sample_images", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten", "natural_patches"]
+__all__ = ["grey_sample_images", "downsample", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten", "natural_patches"]
 
 
 def grey_sample_images() -> list[np.ndarray]:
@@ -28,7 +29,14 @@ def grey_sample_images() -> list[np.ndarray]:
     return [img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0 for img in rgb]
 
 
-def whiten_1f(img: np.ndarray, f0: float = 0.4) -> np.ndarray:
+def downsample(img: np.ndarray, k: int = 2) -> np.ndarray:
+    """Mean over k×k blocks (cropped to a multiple of k): averages away JPEG block artefacts and
+    brings the scale of the photographs' edges closer to that of the exercise's images."""
+    h, w = img.shape[0] // k * k, img.shape[1] // k * k
+    return img[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+def whiten_1f(img: np.ndarray, f0: float = 0.3) -> np.ndarray:
     """Olshausen & Field (1997) whitening: spectrum × |f|·exp(−(|f|/f0)⁴), f in cycles/pixel.
 
     |f| flattens the ~1/f amplitude spectrum of natural images; the exponential removes the
@@ -70,7 +78,7 @@ def zca_whiten(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
 
 def natural_patches(n: int = 10_000, size: int = 8, whiten: str = "1/f", seed: int = 0) -> np.ndarray:
     """The default data set: ``(n, size*size)`` float64 patches in [0.1, 0.9] (ZCA: unbounded)."""
-    images = grey_sample_images()
+    images = [downsample(im) for im in grey_sample_images()]
     if whiten == "1/f":
         images = [whiten_1f(im) for im in images]
     elif whiten not in ("none", "zca"):
