@@ -159,7 +159,8 @@ def train(
 
     def record(step: int, out) -> None:
         code = out.code.detach()
-        rec = {"step": step, "loss": float(out.loss.detach()), "reconstruction": float(out.reconstruction_loss.detach()),
+        rec = {"step": step, "loss": float(out.loss.detach()),
+               "reconstruction": float(out.reconstruction_loss.detach()),
                "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
                "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
                "seconds": time.perf_counter() - start}

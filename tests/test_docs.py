@@ -29,7 +29,7 @@ OPEN_FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)")
 #: appear in README.md character for character.
 QUICK_START = [
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
-    'pip install -e ".[examples]" && python examples/classic_sparse_autoencoder.py',
+    'pip install -e ".[cli]" && actsparse train',
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]" && pytest',
 ]
 

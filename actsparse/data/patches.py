@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["grey_sample_images", "downsample", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten", "natural_patches"]
+__all__ = [
+    "grey_sample_images", "downsample", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten",
+    "natural_patches",
+]
 
 
 def grey_sample_images() -> list[np.ndarray]:
@@ -24,7 +27,9 @@ def grey_sample_images() -> list[np.ndarray]:
     try:
         from sklearn.datasets import load_sample_images
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("the embedded image patches need scikit-learn: pip install 'actsparse[cli]'") from err
+        raise ModuleNotFoundError(
+            "the embedded image patches need scikit-learn: pip install 'actsparse[cli]' (or scikit-learn)"
+        ) from err
     rgb = load_sample_images().images
     return [img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0 for img in rgb]
 
@@ -53,11 +58,13 @@ def sample_patches(images: list[np.ndarray], n: int, size: int, seed: int = 0) -
     """``n`` random ``size``×``size`` patches ``(n, size*size)``, drawn evenly over ``images``."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, size * size))
-    for i in range(n):
-        img = images[i % len(images)]
-        r = rng.integers(0, img.shape[0] - size + 1)
-        c = rng.integers(0, img.shape[1] - size + 1)
-        out[i] = img[r:r + size, c:c + size].reshape(-1)
+    which = np.arange(n) % len(images)
+    for k, img in enumerate(images):
+        rows = np.flatnonzero(which == k)
+        r = rng.integers(0, img.shape[0] - size + 1, rows.size)
+        c = rng.integers(0, img.shape[1] - size + 1, rows.size)
+        windows = np.lib.stride_tricks.sliding_window_view(img, (size, size))  # a view, no copy
+        out[rows] = windows[r, c].reshape(rows.size, -1)
     return out
 
 
