@@ -113,12 +113,65 @@ def cmd_gradcheck(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
-COMMANDS = {"train": cmd_train, "gradcheck": cmd_gradcheck}
+def _load_run(argv: list[str], prog: str):
+    """``PROG RUN``: the one positional argument is a run folder written by ``actsparse train``."""
+    from types import SimpleNamespace
+
+    from .train import load_checkpoint
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: {prog} RUN\n  RUN  a run folder written by actsparse train, e.g. runs/classic")
+            raise SystemExit(0)
+        raise ValueError(f"usage: {prog} RUN (a run folder written by actsparse train, e.g. runs/classic)")
+    model, cfg = load_checkpoint(argv[0])
+    return SimpleNamespace(run=argv[0]), model, cfg
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """``actsparse eval RUN``: recompute the metrics of a run on its data (same seed, same samples)."""
+    import json
+
+    from .data import load_data
+    from .train import evaluate
+
+    a, model, cfg = _load_run(argv, "actsparse eval")
+    data = load_data(cfg)
+    m = evaluate(model, data.x)
+    if data.true_features is not None:
+        from .metrics import mmcs
+
+        m["mmcs"] = float(mmcs(data.true_features, model.decoder_weight.t()))
+    print(json.dumps({"run": a.run, "data": data.description, **m}, indent=2))
+    return 0
+
+
+def cmd_plot(argv: list[str]) -> int:
+    """``actsparse plot RUN``: redraw a run's figures from its weights, data and metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    from .data import load_data
+    from .plots import write_figures
+    from .train import TrainResult
+
+    a, model, cfg = _load_run(argv, "actsparse plot")
+    run = Path(a.run)
+    log = run / "metrics.jsonl"
+    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    written = write_figures(run, TrainResult(model, {}, history, run), load_data(cfg))
+    print(f"wrote {run}/: {', '.join(written)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "gradcheck": cmd_gradcheck}
 
 
 def _usage() -> str:
-    return ("usage: actsparse {train,gradcheck} [flags]\n"
+    return ("usage: actsparse {train,eval,plot,gradcheck} [flags]\n"
             "  train      train a sparse autoencoder (defaults: the classic CS294A exercise)\n"
+            "  eval RUN   recompute a run's metrics on its data\n"
+            "  plot RUN   redraw a run's figures\n"
             "  gradcheck  numerical vs analytic gradient of the classic model in float64\n"
             "Run 'actsparse COMMAND --help' for the flags of a command.")
 
@@ -143,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[name](rest)
+    except BrokenPipeError:  # output piped into head & co.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("actsparse: interrupted; the last checkpoint written (if any) is kept", file=sys.stderr)
         return 130

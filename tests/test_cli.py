@@ -129,3 +129,23 @@ def test_help_reads_well():
                  "--batch-size", "--config"):
         assert flag in r.stdout
     assert Path  # keep import used
+
+
+def test_eval_and_plot_a_run(tmp_path):
+    from actsparse.data import load_data
+    from actsparse.train import evaluate, load_checkpoint
+
+    assert main(["train", *FAST, "--out", str(tmp_path), "--no-plots"]) == 0
+    run = tmp_path / "classic"
+    r = run_cli("eval", str(run))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    model, cfg = load_checkpoint(run)
+    ref = evaluate(model, load_data(cfg).x)  # the same data, rebuilt independently of the command
+    assert got["fvu"] == pytest.approx(ref["fvu"], rel=1e-6)
+    assert got["mean_activation"] == pytest.approx(ref["mean_activation"], rel=1e-6)
+    r = run_cli("plot", str(run))
+    assert r.returncode == 0, r.stderr
+    for name in ("loss.png", "filters.png", "reconstructions.png", "rho_hat.png"):
+        assert (run / name).stat().st_size > 1000
+    _one_clean_line(run_cli("eval", str(tmp_path / "missing")), "config.json is missing")
