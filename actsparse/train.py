@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .models import SparseAutoencoder
 from .penalties import get_penalty
 
-__all__ = ["build_model", "train", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
+__all__ = ["build_model", "train", "pretrain_greedy", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
 
 
 class TrainingError(RuntimeError):
@@ -130,6 +130,7 @@ def train(
     *,
     run_dir: Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Train the autoencoder ``cfg`` describes on ``x`` ``(n, d_in)``.
 
@@ -139,6 +140,8 @@ def train(
         run_dir: if given, ``metrics.jsonl`` (one line per logged step) and the checkpoint
             (``model.safetensors`` + ``config.json``) are written there.
         on_step: called with each logged record (the CLI's progress bar uses it).
+        model: train this model instead of the one ``cfg`` describes (any module whose forward
+            returns a :class:`~actsparse.models.ForwardOutput`; e.g. a stack being fine-tuned).
 
     Returns:
         A :class:`TrainResult` with final metrics on the training and validation splits.
@@ -152,7 +155,8 @@ def train(
     perm = torch.randperm(x.shape[0], generator=g)
     n_val = int(round(cfg.validation * x.shape[0]))
     x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
-    model = build_model(cfg, x.shape[1]).to(x.dtype)
+    if model is None:
+        model = build_model(cfg, x.shape[1]).to(x.dtype)
     history: list[dict[str, float]] = []
     log_file = open(run_dir / "metrics.jsonl", "w") if run_dir is not None else None  # noqa: SIM115
     start = time.perf_counter()
@@ -188,6 +192,34 @@ def train(
     if run_dir is not None:
         save_checkpoint(run_dir, model, cfg, x.shape[1])
     return TrainResult(model, final, history, run_dir)
+
+
+def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
+    """Greedy layer-wise pretraining of a :class:`~actsparse.models.StackedAutoencoder` (UFLDL).
+
+    Layer i is trained as a one-layer sparse autoencoder (``cfg`` with ``hidden = sizes[i+1]`` and the
+    stack's activation, which must be ``sigmoid`` or ``relu``) on
+    the codes of layers < i; its encoder initialises the stack's encoder layer i and its decoder the
+    mirrored decoder layer. Fine-tune afterwards with ``train(cfg, x, model=stack)``.
+    """
+    import dataclasses
+
+    results = []
+    h = x
+    n = len(stack.encoder)
+    for i, enc in enumerate(stack.encoder):
+        cfg_i = dataclasses.replace(cfg, hidden=enc.out_features, validation=0.0, activation=stack.activation_name)
+        res = train(cfg_i, h, model=build_model(cfg_i, enc.in_features).to(x.dtype))
+        sae = res.model
+        dec = stack.decoder[n - 1 - i]
+        with torch.no_grad():
+            enc.weight.copy_(sae.W_enc)
+            enc.bias.copy_(sae.b_enc)
+            dec.weight.copy_(sae.decoder_weight)
+            dec.bias.copy_(sae.b_dec)
+            h = stack.act(enc(h))
+        results.append(res)
+    return results
 
 
 def _train_lbfgs(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, record) -> None:

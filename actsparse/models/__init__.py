@@ -2,6 +2,7 @@
 
 from .activations import ACTIVATIONS, BatchTopK, JumpReLU, KSparse, ReLU, Sigmoid, TopK, get_activation
 from .sae import ForwardOutput, SparseAutoencoder
+from .stacked import StackedAutoencoder
 
 __all__ = [
     "ACTIVATIONS",
@@ -12,6 +13,7 @@ __all__ = [
     "ReLU",
     "Sigmoid",
     "SparseAutoencoder",
+    "StackedAutoencoder",
     "TopK",
     "get_activation",
 ]
