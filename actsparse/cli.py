@@ -52,8 +52,20 @@ def cmd_train(argv: list[str]) -> int:
 
     path, rest = _split_config_flag(argv)
     defaults = TrainConfig(**load_config_file(path)) if path else TrainConfig()
-    cfg = tyro.cli(TrainConfig, default=defaults, args=rest, prog="actsparse train",
-                   description="Train a sparse autoencoder. Defaults: the classic CS294A exercise.")
+    desc = "Train a sparse autoencoder. Defaults: the classic CS294A exercise."
+    cfg = tyro.cli(TrainConfig, default=defaults, args=rest, prog="actsparse train", description=desc)
+    if cfg.resume:  # the run's own settings are the defaults; flags given now still win
+        import json
+        from pathlib import Path
+
+        saved = Path(cfg.out) / cfg.name / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
+        values = json.loads(saved.read_text())
+        values.pop("d_in", None)
+        values.update(resume=True, config=path)
+        cfg = tyro.cli(TrainConfig, default=TrainConfig(**values), args=rest, prog="actsparse train",
+                       description=desc)
     cfg.config = path
     from .runner import run_training
 

@@ -84,6 +84,10 @@ class TrainConfig:
     """Write PNG figures."""
     progress: bool = True
     """Show a progress bar."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    resume: bool = False
+    """Continue the run in ``out/name`` from its last checkpoint (same seed: same result)."""
     config: str | None = field(default=None)
     """A TOML or YAML file of these fields; flags given on the command line win."""
 
@@ -93,6 +97,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"--k must be a positive integer, got {self.k!r}")
         if self.activation in ("topk", "batchtopk", "ksparse"):

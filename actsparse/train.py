@@ -81,14 +81,41 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
 
 
-def save_checkpoint(run_dir: Path, model: SparseAutoencoder, cfg: TrainConfig, d_in: int) -> None:
-    """Write ``model.safetensors`` and ``config.json`` atomically."""
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d_in: int,
+                    trainer_state: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (and ``trainer_state.pt`` when training is
+    to be resumable: optimiser state, step, RNG states), each atomically (write, then rename).
+
+    The step is stored in both the weights' metadata and the trainer state, so a resume can tell
+    whether the two files belong together."""
     from safetensors.torch import save_file
 
+    step = str(trainer_state["step"]) if trainer_state else "final"
+    if trainer_state is not None:
+        _atomic_write(run_dir / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p)))
+    _atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"step": step}))
     cfg_dict = cfg.to_dict() | {"d_in": d_in}
     _atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(cfg_dict, indent=2) + "\n"))
+
+
+def _load_trainer_state(run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Weights and trainer state of an interrupted run, checked to belong to the same step."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = run_dir / "model.safetensors"
+    try:
+        state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+        with safe_open(str(weights), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as err:
+        raise ValueError(f"cannot resume from {run_dir}: damaged checkpoint ({err})") from err
+    if step != str(state["step"]):
+        raise ValueError(f"cannot resume from {run_dir}: model.safetensors is from step {step}, "
+                         f"trainer_state.pt from step {state['step']}")
+    return state
 
 
 def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig]:
@@ -157,8 +184,19 @@ def train(
     x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
     if model is None:
         model = build_model(cfg, x.shape[1]).to(x.dtype)
+    resume = None
+    if cfg.resume and run_dir is not None and (run_dir / "trainer_state.pt").is_file():
+        resume = _load_trainer_state(run_dir, model)
+        torch.set_rng_state(resume["torch_rng"])
     history: list[dict[str, float]] = []
-    log_file = open(run_dir / "metrics.jsonl", "w") if run_dir is not None else None  # noqa: SIM115
+    log_file = None
+    if run_dir is not None:
+        log_path = run_dir / "metrics.jsonl"
+        if resume is not None and log_path.is_file():  # keep the log up to the checkpoint's step
+            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            history = [h for h in history if h["step"] <= resume["step"]]
+            log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        log_file = open(log_path, "a")  # noqa: SIM115
     start = time.perf_counter()
 
     def record(step: int, out) -> None:
@@ -175,11 +213,18 @@ def train(
         if on_step is not None:
             on_step(rec)
 
+    def checkpoint(step: int, opt: torch.optim.Optimizer, extra: dict[str, Any], last: bool) -> None:
+        # every `checkpoint_every` steps, and always after the last one (so a finished run can
+        # be extended with --resume --iterations N)
+        if run_dir is not None and (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            save_checkpoint(run_dir, model, cfg, x.shape[1], {"step": step, "optimizer": opt.state_dict(),
+                                                              "torch_rng": torch.get_rng_state(), **extra})
+
     try:
         if cfg.optimizer == "lbfgs":
-            _train_lbfgs(cfg, model, x_train, record)
+            _train_lbfgs(cfg, model, x_train, record, checkpoint, resume)
         else:
-            _train_minibatch(cfg, model, x_train, g, record)
+            _train_minibatch(cfg, model, x_train, g, record, checkpoint, resume)
     finally:
         if log_file is not None:
             log_file.close()
@@ -189,8 +234,8 @@ def train(
     if n_val:
         val = evaluate(model, x_val)
         final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
-    if run_dir is not None:
-        save_checkpoint(run_dir, model, cfg, x.shape[1])
+    if run_dir is not None and not (run_dir / "model.safetensors").is_file():
+        save_checkpoint(run_dir, model, cfg, x.shape[1])  # e.g. resumed a run that had already finished
     return TrainResult(model, final, history, run_dir)
 
 
@@ -222,13 +267,17 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     return results
 
 
-def _train_lbfgs(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, record) -> None:
+def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume) -> None:
     # One L-BFGS iteration per .step() (max_iter=1): the history persists in the optimiser's
     # state across steps, so this is the usual L-BFGS run, observed after every iteration.
     # max_eval bounds the line search's evaluations per iteration (its default, 5/4·max_iter, would
     # be 1 here); zero tolerances so that the requested number of iterations is run.
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=100,
                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+    first = 1
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        first = resume["step"] + 1
     last = {}
 
     def closure():
@@ -238,20 +287,28 @@ def _train_lbfgs(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, record) 
         last["out"] = out
         return out.loss
 
-    for it in range(1, cfg.iterations + 1):
+    for it in range(first, cfg.iterations + 1):
         opt.step(closure)
         _check_finite(it, last["out"])
         record(it, last["out"])
+        checkpoint(it, opt, {}, it == cfg.iterations)
 
 
-def _train_minibatch(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, g: torch.Generator, record) -> None:
+def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, record, checkpoint, resume) -> None:
     opt_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
     opt = opt_cls(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    step = 0
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(x.shape[0], generator=g).split(cfg.batch_size):
+    step, first_epoch, skip = 0, 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, first_epoch, skip = resume["step"], resume["epoch"], resume["batch"]
+        g.set_state(resume["g_epoch"])
+    for epoch in range(first_epoch, cfg.epochs):
+        g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
+        for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
+            if epoch == first_epoch and b < skip:
+                continue
             model.set_progress(step / total)
             out = model(x[idx])
             opt.zero_grad(set_to_none=True)
@@ -265,3 +322,4 @@ def _train_minibatch(cfg: TrainConfig, model: SparseAutoencoder, x: Tensor, g: t
             if step % 10 == 0 or step == total:
                 _check_finite(step, out)
                 record(step, out)
+            checkpoint(step, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch}, step == total)

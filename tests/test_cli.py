@@ -149,3 +149,49 @@ def test_eval_and_plot_a_run(tmp_path):
     for name in ("loss.png", "filters.png", "reconstructions.png", "rho_hat.png"):
         assert (run / name).stat().st_size > 1000
     _one_clean_line(run_cli("eval", str(tmp_path / "missing")), "config.json is missing")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--iterations", "30"],
+    ["--optimizer", "adam", "--epochs", "3", "--batch-size", "128", "--decoder", "linear", "--lr", "0.01"],
+])
+def test_resume_after_interruption_is_bit_identical(tmp_path, extra):
+    """A run interrupted after its checkpoint at step 14, then resumed with --resume, reaches the same
+    weights and the same logged losses as an uninterrupted run with the same seed."""
+    from actsparse.config import TrainConfig
+    from actsparse.data import load_data
+    from actsparse.train import train
+
+    base = ["train", "--samples", "1000", "--no-progress", "--no-plots", "--checkpoint-every", "7", *extra]
+    assert main([*base, "--out", str(tmp_path), "--name", "full"]) == 0
+
+    # the interrupted run: the library's loop, stopped by an exception after step 14 was saved
+    cli_cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    cli_cfg.pop("d_in")
+    cfg = TrainConfig(**(cli_cfg | {"name": "cut"}))
+    (tmp_path / "cut").mkdir()
+
+    def interrupt(rec):
+        if rec["step"] > 14:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, load_data(cfg).x, run_dir=tmp_path / "cut", on_step=interrupt)
+    assert main([*base, "--out", str(tmp_path), "--name", "cut", "--resume"]) == 0
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: float((a[k] - b[k]).abs().max()) for k in a}
+    full_log = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut_log = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in full_log] == [(r["step"], r["loss"]) for r in cut_log]
+
+
+def test_resume_refuses_mismatched_checkpoint(tmp_path):
+    args = ["train", "--samples", "500", "--iterations", "8", "--checkpoint-every", "4", "--no-progress",
+            "--no-plots", "--out", str(tmp_path)]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "classic" / "trainer_state.pt", weights_only=False)
+    state["step"] = 4  # trainer state from another step than the weights
+    torch.save(state, tmp_path / "classic" / "trainer_state.pt")
+    _one_clean_line(run_cli(*args, "--resume"), "cannot resume")
+    _one_clean_line(run_cli("train", "--resume", "--out", str(tmp_path / "none")), "nothing to resume")

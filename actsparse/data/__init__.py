@@ -1,8 +1,20 @@
 """Data sources for ``actsparse train`` (nothing is downloaded at run time).
 
-``load_data(cfg)`` returns a :class:`Dataset` for ``cfg.data``: ``patches`` (embedded natural
-images), ``digits`` (scikit-learn's 8×8 digits), ``synthetic`` (sparse ground truth), or a file
-``.npy``/``.npz``/``.pt``/``.safetensors``/``.csv`` of shape ``(samples, features)``.
+``load_data(cfg)`` returns a :class:`Dataset` for ``cfg.data``, which is one of:
+
+* ``patches`` — random patches of the natural photographs scikit-learn ships (the default);
+* ``digits`` — scikit-learn's 1,797 8×8 digits, scaled to [0, 1];
+* ``synthetic`` — sparse combinations of known atoms (ground truth for MMCS);
+* a folder of images, given as its path or as ``folder:DIR`` — random ``patch_size`` patches of
+  the images, normalised as ``patches`` (:mod:`actsparse.data.images`);
+* an MNIST-format IDX file: a name ending in ``.idx``, ``.idx3``, ``-ubyte``, each optionally
+  followed by ``.gz`` (``train-images-idx3-ubyte.gz``; :mod:`actsparse.data.idx`);
+* ``torchvision:NAME:ROOT`` — the training split of ``torchvision.datasets.NAME`` already stored
+  under ``ROOT`` (needs torchvision, imported only here; ``download=False``);
+* an array file ``.npy``/``.npz``/``.pt``/``.safetensors``/``.csv`` of shape ``(samples, features)``.
+
+Sources with image samples (digits, IDX images, torchvision grey images, patches) set
+``Dataset.image_shape`` so that figures show the filters as tiles.
 """
 
 from __future__ import annotations
@@ -15,9 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .idx import is_idx_path, load_idx, read_idx
+from .images import folder_patches
 from .synthetic import SyntheticDictionary, make_synthetic
 
-__all__ = ["Dataset", "load_data", "load_array", "make_synthetic", "SyntheticDictionary"]
+__all__ = [
+    "Dataset", "load_data", "load_array", "load_torchvision", "read_idx", "load_idx", "folder_patches",
+    "make_synthetic", "SyntheticDictionary",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+FOLDER_PREFIX = "folder:"
 
 
 @dataclass
@@ -81,6 +101,52 @@ def load_array(path: str | Path) -> np.ndarray:
     return arr
 
 
+def load_torchvision(spec: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The training split of a torchvision data set already on disk: ``spec`` is
+    ``torchvision:NAME:ROOT`` (e.g. ``torchvision:MNIST:~/data``). Returns ``(x, image_shape)``:
+    ``x`` is ``(samples, features)`` float32 (bytes scaled to [0, 1]); ``image_shape`` is
+    ``(h, w)`` for grey images, None otherwise (colour images are flattened with their channels).
+
+    Raises:
+        ValueError: a malformed spec, or a name torchvision does not have.
+        ModuleNotFoundError: torchvision is not installed.
+        FileNotFoundError: the data set is not under ROOT (nothing is downloaded).
+    """
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or parts[0] + ":" != TORCHVISION_PREFIX or not parts[1] or not parts[2]:
+        raise ValueError(f"a torchvision source is torchvision:NAME:ROOT (e.g. torchvision:MNIST:data), got {spec!r}")
+    _, name, root = parts
+    try:
+        import torchvision.datasets as tvd
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"the source {spec!r} needs torchvision, which is not installed: pip install torchvision. "
+            "For MNIST without torchvision, pass its IDX file: --data train-images-idx3-ubyte.gz"
+        ) from err
+    cls = getattr(tvd, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"torchvision.datasets has no data set {name!r} (e.g. MNIST, FashionMNIST, KMNIST, CIFAR10)")
+    root = str(Path(root).expanduser())
+    try:
+        try:
+            ds = cls(root, train=True, download=False)
+        except TypeError:  # data sets without a train= flag
+            ds = cls(root, download=False)
+    except TypeError as err:
+        raise ValueError(f"cannot build torchvision.datasets.{name}({root!r}, download=False): {err}") from err
+    except RuntimeError as err:  # torchvision's "Dataset not found. You can use download=True ..."
+        raise FileNotFoundError(
+            f"torchvision {name} is not under {root} and nothing is downloaded here: {err}"
+        ) from err
+    data = getattr(ds, "data", None)
+    if data is None or len(getattr(data, "shape", ())) < 2:  # no array attribute: stack the items
+        data = np.stack([np.asarray(ds[i][0]) for i in range(len(ds))])
+    arr = np.asarray(data)
+    image_shape = (int(arr.shape[1]), int(arr.shape[2])) if arr.ndim == 3 else None
+    x = arr.reshape(arr.shape[0], -1)
+    return (x.astype(np.float32) / np.float32(255.0) if arr.dtype == np.uint8 else x.astype(np.float32)), image_shape
+
+
 def load_data(cfg) -> Dataset:
     """The :class:`Dataset` a :class:`~actsparse.config.TrainConfig` names (see module docstring)."""
     kind = cfg.data
@@ -101,6 +167,20 @@ def load_data(cfg) -> Dataset:
         syn = make_synthetic(cfg.samples, seed=cfg.seed)
         ds = Dataset(syn.x, f"{cfg.samples} synthetic sparse combinations of {syn.features.shape[0]} atoms",
                      None, syn.features)
+    elif kind.startswith(TORCHVISION_PREFIX):
+        arr, shape = load_torchvision(kind)
+        ds = Dataset(torch.from_numpy(arr), f"{arr.shape[0]} samples of {kind}", shape)
+    elif kind.startswith(FOLDER_PREFIX) or (kind and Path(kind).is_dir()):
+        folder = kind[len(FOLDER_PREFIX):] if kind.startswith(FOLDER_PREFIX) else kind
+        if not folder:
+            raise ValueError("an image-folder source is folder:DIR, got an empty DIR")
+        x, n_images = folder_patches(folder, cfg.samples, cfg.patch_size, cfg.whiten, cfg.seed)
+        desc = (f"{cfg.samples} {cfg.patch_size}x{cfg.patch_size} patches of {n_images} images in {folder} "
+                f"(whiten={cfg.whiten})")
+        ds = Dataset(torch.tensor(x, dtype=torch.float32), desc, (cfg.patch_size, cfg.patch_size))
+    elif is_idx_path(kind):
+        arr, shape = load_idx(kind)
+        ds = Dataset(torch.from_numpy(arr), f"{arr.shape[0]} samples from IDX file {kind}", shape)
     else:
         arr = load_array(kind)
         side = int(math.isqrt(arr.shape[1]))
