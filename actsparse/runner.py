@@ -68,7 +68,13 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
         result = train(cfg, data.x, run_dir=run_dir, on_step=update)
     finally:
         close()
-    metrics = result.metrics | {"data": data.description, "total_seconds": time.perf_counter() - t0}
+    metrics = result.metrics | {"data": data.description}
+    if data.true_features is not None:  # synthetic ground truth: how well is the dictionary recovered?
+        from .metrics import mmcs
+
+        metrics["mmcs"] = float(mmcs(data.true_features, result.model.decoder_weight.t()))
+        echo(f"dictionary recovery: MMCS {metrics['mmcs']:.3f} over {data.true_features.shape[0]} true features")
+    metrics["total_seconds"] = time.perf_counter() - t0
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, run_dir / "metrics.json")

@@ -230,7 +230,7 @@ def train(
             log_file.close()
     seconds = time.perf_counter() - start
     final = evaluate(model, x_train)
-    final |= {"target": cfg.target, "seconds": seconds, "steps": len(history)}
+    final |= {"target": cfg.target, "seconds": seconds, "steps": int(history[-1]["step"]) if history else 0}
     if n_val:
         val = evaluate(model, x_val)
         final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
