@@ -78,7 +78,8 @@ class GradcheckArgs:
     """Compare the analytic gradient with central differences (ε = 1e-4) in float64."""
 
     activation: Literal["sigmoid", "relu"] = "sigmoid"
-    """Hidden activation."""
+    """Hidden activation. ReLU has a kink at 0: central differences across it are inexact (expect
+    ~1e-5), so the 1e-9 bar is for the smooth sigmoid model."""
     penalty: str = "kl"
     """Penalty name (see actsparse.PENALTIES)."""
     target: float = 0.01

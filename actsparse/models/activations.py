@@ -145,6 +145,8 @@ class JumpReLU(nn.Module):
     def __init__(self, d_sae: int, init_threshold: float = 0.001, bandwidth: float = 0.001,
                  *, device=None, dtype=None) -> None:
         super().__init__()
+        if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+            raise ValueError(f"d_sae must be a positive int, got {d_sae!r}")
         F.check_positive("init_threshold", init_threshold)
         F.check_positive("bandwidth", bandwidth)
         self.bandwidth = float(bandwidth)
@@ -197,10 +199,17 @@ ACTIVATIONS = {"sigmoid": Sigmoid, "relu": ReLU, "topk": TopK, "batchtopk": Batc
                "jumprelu": JumpReLU, "ksparse": KSparse}
 
 
+def activation_key(name: str) -> str:
+    """The registry key of an activation name: case, ``-`` and ``_`` are ignored (``Jump_ReLU``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a name (str) or an nn.Module, got {type(name).__name__}")
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def get_activation(name: str, *, d_sae: int, k: int | None = None, **kwargs) -> nn.Module:
     """Build a hidden activation by name (``sigmoid``, ``relu``, ``topk``, ``batchtopk``,
     ``jumprelu``, ``ksparse``). ``k`` is required by the top-k family and checked against d_sae."""
-    key = name.lower().replace("-", "").replace("_", "")
+    key = activation_key(name)
     if key not in ACTIVATIONS:
         close = difflib.get_close_matches(key, ACTIVATIONS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..penalties import Penalty
-from .activations import BatchTopK, JumpReLU, KSparse, TopK, get_activation
+from .activations import BatchTopK, JumpReLU, KSparse, TopK, activation_key, get_activation
 
 __all__ = ["ForwardOutput", "SparseAutoencoder"]
 
@@ -63,7 +63,8 @@ class SparseAutoencoder(nn.Module):
         penalty: a Penalty on the hidden code (e.g. ``BernoulliKL(0.01, weight=3)``), or None.
         weight_decay: λ of ``(λ/2)(‖W_enc‖² + ‖W_dec‖²)``, weights only. Default 0.
         recon_loss: ``half_sse`` (CS294A, default) or ``mse``.
-        unit_norm_decoder: keep each decoder row (one per hidden unit) at unit norm; call
+        unit_norm_decoder: keep each dictionary atom (a column of :attr:`decoder_weight`
+            ``(d_in, d_hidden)``, one per hidden unit) at unit norm; call
             :meth:`normalize_decoder` after each optimiser step and
             :meth:`remove_parallel_gradient` before it.
         pre_bias: subtract the decoder bias from the input before encoding (Gao et al. 2024).
@@ -108,14 +109,19 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if penalty is not None and not isinstance(penalty, Penalty):
             raise TypeError(f"penalty must be an actsparse Penalty, got {type(penalty).__name__}")
-        if auxk is not None and not (isinstance(auxk, int) and 1 <= auxk <= d_hidden):
+        if auxk is not None and (isinstance(auxk, bool) or not isinstance(auxk, int) or not 1 <= auxk <= d_hidden):
             raise ValueError(f"auxk must be an int in [1, d_hidden={d_hidden}], got {auxk!r}")
+        if isinstance(auxk_coef, bool) or not (isinstance(auxk_coef, (int, float)) and 0 <= auxk_coef < math.inf):
+            raise ValueError(f"auxk_coef must be a finite number >= 0, got {auxk_coef!r}")
+        if isinstance(dead_after, bool) or not isinstance(dead_after, int) or dead_after < 1:
+            raise ValueError(f"dead_after must be a positive int (a number of samples), got {dead_after!r}")
         fk = {"device": device, "dtype": dtype}
         self.d_in, self.d_hidden = d_in, d_hidden
         if isinstance(activation, nn.Module):
             self.activation = activation
         else:
-            extra = fk if activation.lower() == "jumprelu" else {}
+            # JumpReLU owns a parameter, so it takes the factory arguments (for every spelling of its name)
+            extra = fk if activation_key(activation) == "jumprelu" else {}
             self.activation = get_activation(activation, d_sae=d_hidden, k=k, **extra)
         self.decoder_kind = decoder
         self.tied = bool(tied)
@@ -170,12 +176,19 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
-        """Remove from the decoder gradient its component parallel to each atom (unit-norm SAEs)."""
-        w = self.decoder_weight
-        g = self.W_enc.grad.t() if self.W_dec is None else self.W_dec.grad
+        """Remove from the decoder gradient its component parallel to each atom (unit-norm SAEs).
+
+        With tied weights the decoder gradient is ``W_enc.grad`` transposed (both uses of W_enc).
+        A no-op when there is no gradient yet.
+        """
+        g = self.W_enc.grad if self.W_dec is None else self.W_dec.grad
         if g is None:
             return
-        g -= (g * w).sum(dim=0, keepdim=True) * w
+        if self.W_dec is None:
+            g = g.t()
+        # project on the unit atom, so the result is orthogonal even if the atom is not unit-norm yet
+        u = self.decoder_weight / self.decoder_weight.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        g -= (g * u).sum(dim=0, keepdim=True) * u
 
     # ------------------------------------------------------------------ forward
     def encode_pre(self, x: Tensor) -> Tensor:
@@ -222,7 +235,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def _track_firing(self, h: Tensor) -> None:
-        fired = (h > 0).any(dim=0)
+        fired = (h != 0).any(dim=0)  # != 0, not > 0: k-sparse units are linear and may fire negative
         self.samples_since_fired += h.shape[0]
         self.samples_since_fired[fired] = 0
 
