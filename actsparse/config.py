@@ -51,6 +51,8 @@ class TrainConfig:
     """Output units: ``sigmoid`` (inputs in [0, 1]) or ``linear``."""
     tied: bool = False
     """Tie the decoder to the encoder's transpose."""
+    auxk: int | None = None
+    """AuxK loss on this many dead latents (Gao et al. 2024; for topk SAEs), or none."""
 
     penalty: str | None = "kl"
     """Sparsity penalty on the hidden code: one of the registry names, or ``none``."""
@@ -107,6 +109,8 @@ class TrainConfig:
                 raise ConfigError(f"--activation {self.activation} needs --k (the number of active units)")
             if self.k > self.hidden:
                 raise ConfigError(f"--k {self.k} is larger than --hidden {self.hidden}")
+        if self.auxk is not None and (not isinstance(self.auxk, int) or not 1 <= self.auxk <= self.hidden):
+            raise ConfigError(f"--auxk must be an integer in [1, --hidden {self.hidden}], got {self.auxk!r}")
         if self.penalty is not None and self.penalty.lower() == "none":
             self.penalty = None
         if self.penalty is not None and self.penalty.lower().replace("-", "_") not in PENALTIES:

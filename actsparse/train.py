@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig, d_in: int) -> SparseAutoencoder:
     return SparseAutoencoder(
         d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
         weight_decay=cfg.weight_decay, recon_loss="half_sse" if cfg.activation == "sigmoid" else "mse",
-        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl",
+        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl", auxk=cfg.auxk,
     )
 
 
