@@ -218,6 +218,13 @@ def mean_activation(a: Tensor, unit_dim: int = -1) -> Tensor:
     return a.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
 
+def rectangle_kernel(a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """(1/ε)·K((a − θ)/ε) with the rectangle kernel K(u) = 1{|u| < 1/2}: the pseudo-derivative of
+    H(a − θ) (Rajamanoharan et al. 2024, eq. 11). Shared by the frequency penalty and JumpReLU."""
+    u = (a - threshold) / bandwidth
+    return ((u > -0.5) & (u < 0.5)).to(a.dtype) / bandwidth
+
+
 class _HeavisideST(torch.autograd.Function):
     """H(a − θ) forward; rectangle-kernel pseudo-derivative backward.
 
@@ -235,10 +242,7 @@ class _HeavisideST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         a, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        u = (a - threshold) / eps
-        kernel = ((u > -0.5) & (u < 0.5)).to(grad.dtype) / eps
-        g = grad * kernel
+        g = grad * rectangle_kernel(a, threshold, ctx.bandwidth)
         grad_a = g if ctx.needs_input_grad[0] else None
         grad_t = None
         if ctx.needs_input_grad[1]:

@@ -27,13 +27,6 @@ def ex():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matrices: one thread is as fast, and immune to oversubscription on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_question_kl_has_no_gradient_and_frequency_kl_has_one(ex):

@@ -24,14 +24,6 @@ from actsparse.penalties import L1
 SEEDS = [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
 
 
-@pytest.fixture
-def one_thread():
-    # These matrices are tiny (128 x 32 x 64): a second intra-op thread gains nothing, and on a
-    # shared, busy machine its spin-waiting made the same run 30-50x slower (0.8 s vs 30-48 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train(model: SparseAutoencoder, x: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int) -> None:

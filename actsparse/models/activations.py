@@ -120,9 +120,7 @@ class _JumpReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         z, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        u = (z - threshold) / eps
-        kernel = ((u > -0.5) & (u < 0.5)).to(grad.dtype) / eps
+        kernel = F.rectangle_kernel(z, threshold, ctx.bandwidth)
         grad_z = grad * (z > threshold) if ctx.needs_input_grad[0] else None
         grad_t = None
         if ctx.needs_input_grad[1]:
