@@ -199,12 +199,15 @@ def train(
         log_file = open(log_path, "a")  # noqa: SIM115
     start = time.perf_counter()
 
-    def record(step: int, out) -> None:
+    def record(step: int, out, xb: Tensor) -> None:
         code = out.code.detach()
+        dead = getattr(model, "dead_mask", None)
         rec = {"step": step, "loss": float(out.loss.detach()),
                "reconstruction": float(out.reconstruction_loss.detach()),
                "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
+               "fvu": float(M.fvu(xb, out.reconstruction.detach())),
                "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
+               "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}
         history.append(rec)
         if log_file is not None:
@@ -290,7 +293,7 @@ def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume)
     for it in range(first, cfg.iterations + 1):
         opt.step(closure)
         _check_finite(it, last["out"])
-        record(it, last["out"])
+        record(it, last["out"], x)
         checkpoint(it, opt, {}, it == cfg.iterations)
 
 
@@ -321,5 +324,5 @@ def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, rec
             step += 1
             if step % 10 == 0 or step == total:
                 _check_finite(step, out)
-                record(step, out)
+                record(step, out, x[idx])
             checkpoint(step, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch}, step == total)
