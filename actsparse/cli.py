@@ -151,7 +151,7 @@ def cmd_eval(argv: list[str]) -> int:
     a, model, cfg = _load_run(argv, "actsparse eval")
     data = load_data(cfg)
     m = evaluate(model, data.x)
-    if data.true_features is not None:
+    if data.true_features is not None and hasattr(model, "decoder_weight"):  # one dictionary to score
         from .metrics import mmcs
 
         m["mmcs"] = float(mmcs(data.true_features, model.decoder_weight.t()))

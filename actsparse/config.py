@@ -41,6 +41,14 @@ class TrainConfig:
     whiten: Whiten = "1/f"
     """Whitening of the images before patches are cut (``1/f``, ``zca`` with ε = 0.1, or ``none``)."""
 
+    model: Literal["sae", "stacked"] = "sae"
+    """``sae``: one hidden layer; ``stacked``: a deep autoencoder of ``--sizes``, mirrored."""
+    sizes: tuple[int, ...] | None = None
+    """For ``--model stacked``: encoder widths after the input, code last (seed 001: 80 40 4).
+    The penalty applies to the code."""
+    pretrain: bool = False
+    """For ``--model stacked``: greedy layer-wise pretraining (one sparse autoencoder per layer,
+    ``--iterations``/``--epochs`` each) before fine-tuning the whole stack."""
     hidden: int = 25
     """Number of hidden units (d_sae)."""
     activation: Activation = "sigmoid"
@@ -109,6 +117,15 @@ class TrainConfig:
                 raise ConfigError(f"--activation {self.activation} needs --k (the number of active units)")
             if self.k > self.hidden:
                 raise ConfigError(f"--k {self.k} is larger than --hidden {self.hidden}")
+        if self.model == "stacked":
+            if not self.sizes or any(not isinstance(v, int) or v < 1 for v in self.sizes):
+                raise ConfigError("--model stacked needs --sizes, positive widths after the input, "
+                                  "e.g. --sizes 80 40 4")
+            self.sizes = tuple(self.sizes)  # a list when read back from config.json
+            if self.activation not in ("sigmoid", "relu"):
+                raise ConfigError(f"--model stacked takes --activation sigmoid or relu, got {self.activation}")
+        elif self.model != "sae":
+            raise ConfigError(f"--model must be 'sae' or 'stacked', got {self.model!r}")
         if self.auxk is not None and (not isinstance(self.auxk, int) or not 1 <= self.auxk <= self.hidden):
             raise ConfigError(f"--auxk must be an integer in [1, --hidden {self.hidden}], got {self.auxk!r}")
         if self.penalty is not None and self.penalty.lower() == "none":

@@ -117,11 +117,11 @@ def write_figures(run_dir: Path, result, data) -> list[str]:
         out = model(data.x[:4096])
         model.train()
     if data.image_shape is not None:
-        plot_filters(model.W_enc, data.image_shape, run_dir / "filters.png",
-                     f"Learned features ({model.d_hidden} encoder rows)")
+        w = model.W_enc if hasattr(model, "W_enc") else model.encoder[0].weight  # stacked: first layer
+        plot_filters(w, data.image_shape, run_dir / "filters.png", f"Learned features ({w.shape[0]} encoder rows)")
         plot_reconstructions(data.x, out.reconstruction, data.image_shape, run_dir / "reconstructions.png")
         written += ["filters.png", "reconstructions.png"]
-    target = getattr(model.penalty, "target", None) if model.penalty is not None else None
+    target = getattr(getattr(model, "penalty", None), "target", None)
     plot_rho_hat(out.code.mean(0), target, run_dir / "rho_hat.png")
     written.append("rho_hat.png")
     return written

@@ -63,13 +63,21 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
     else:
         n_train = data.x.shape[0] - int(round(cfg.validation * data.x.shape[0]))
         total = cfg.epochs * -(-n_train // cfg.batch_size)
+    model = None
+    if cfg.model == "stacked" and cfg.pretrain and not cfg.resume:
+        from .train import build_model, pretrain_greedy
+
+        model = build_model(cfg, data.x.shape[1])
+        echo(f"greedy layer-wise pretraining of {len(model.encoder)} layers ...")
+        pretrain_greedy(model, data.x, cfg)
     update, close = _progress(cfg, total)
     try:
-        result = train(cfg, data.x, run_dir=run_dir, on_step=update)
+        result = train(cfg, data.x, run_dir=run_dir, on_step=update, model=model)
     finally:
         close()
     metrics = result.metrics | {"data": data.description}
-    if data.true_features is not None:  # synthetic ground truth: how well is the dictionary recovered?
+    if data.true_features is not None and hasattr(result.model, "decoder_weight"):
+        # synthetic ground truth: how well is the dictionary recovered?
         from .metrics import mmcs
 
         metrics["mmcs"] = float(mmcs(data.true_features, result.model.decoder_weight.t()))
@@ -86,7 +94,11 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
     echo(f"wrote {run_dir}/: {', '.join(written)}")
     m = result.metrics
     target = f" (target {cfg.target:g})" if cfg.penalty and "kl" in cfg.penalty.lower() else ""
-    echo(f"trained {cfg.hidden} hidden units, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
+    if cfg.model == "stacked":
+        shape = "-".join(map(str, [data.x.shape[1], *cfg.sizes]))
+    else:
+        shape = f"{cfg.hidden} hidden units"
+    echo(f"trained {shape}, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
          f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, FVU {m['fvu']:.3f}, L0 {m['l0']:.2f}, "
          f"mean activation {m['mean_activation']:.4f}{target}")
     return result

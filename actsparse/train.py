@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .config import TrainConfig
-from .models import SparseAutoencoder
+from .models import SparseAutoencoder, StackedAutoencoder
 from .penalties import get_penalty
 
 __all__ = ["build_model", "train", "pretrain_greedy", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
@@ -31,18 +31,25 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message names the step."""
 
 
-def build_model(cfg: TrainConfig, d_in: int) -> SparseAutoencoder:
-    """The autoencoder a config describes, for inputs of size ``d_in``."""
+def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
+    """The autoencoder a config describes, for inputs of size ``d_in``: a
+    :class:`~actsparse.models.SparseAutoencoder`, or a :class:`~actsparse.models.StackedAutoencoder`
+    for ``model="stacked"``."""
     penalty = None
     if cfg.penalty is not None:
         kwargs: dict[str, Any] = {"weight": cfg.weight}
         if cfg.penalty.lower().replace("-", "_") in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
             kwargs["target"] = cfg.target
         penalty = get_penalty(cfg.penalty, **kwargs)
+    recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
+    if cfg.model == "stacked":
+        sizes = [d_in, *cfg.sizes]
+        return StackedAutoencoder(sizes, cfg.activation, output=cfg.decoder, weight_decay=cfg.weight_decay,
+                                  recon_loss=recon, penalties={len(sizes) - 2: penalty} if penalty else None)
     modern = cfg.activation in ("topk", "batchtopk", "jumprelu")
     return SparseAutoencoder(
         d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
-        weight_decay=cfg.weight_decay, recon_loss="half_sse" if cfg.activation == "sigmoid" else "mse",
+        weight_decay=cfg.weight_decay, recon_loss=recon,
         unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl", auxk=cfg.auxk,
     )
 
@@ -256,7 +263,8 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     h = x
     n = len(stack.encoder)
     for i, enc in enumerate(stack.encoder):
-        cfg_i = dataclasses.replace(cfg, hidden=enc.out_features, validation=0.0, activation=stack.activation_name)
+        cfg_i = dataclasses.replace(cfg, model="sae", sizes=None, hidden=enc.out_features, validation=0.0,
+                                    activation=stack.activation_name, checkpoint_every=0)
         res = train(cfg_i, h, model=build_model(cfg_i, enc.in_features).to(x.dtype))
         sae = res.model
         dec = stack.decoder[n - 1 - i]

@@ -195,3 +195,19 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
     torch.save(state, tmp_path / "classic" / "trainer_state.pt")
     _one_clean_line(run_cli(*args, "--resume"), "cannot resume")
     _one_clean_line(run_cli("train", "--resume", "--out", str(tmp_path / "none")), "nothing to resume")
+
+
+def test_stacked_model_with_greedy_pretraining(tmp_path):
+    from actsparse.models import StackedAutoencoder
+    from actsparse.train import load_checkpoint
+
+    x = np.random.default_rng(0).uniform(size=(600, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    args = ["train", "--data", str(tmp_path / "x.npy"), "--model", "stacked", "--sizes", "80", "40", "4",
+            "--activation", "relu", "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3",
+            "--optimizer", "adam", "--epochs", "2", "--pretrain", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    model, cfg = load_checkpoint(tmp_path / "classic")
+    assert isinstance(model, StackedAutoencoder) and model.sizes == [20, 80, 40, 4]
+    assert cfg.sizes == (80, 40, 4)
+    _one_clean_line(run_cli("train", "--model", "stacked", "--out", str(tmp_path)), "needs --sizes")
