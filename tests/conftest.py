@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_for_the_suite():
+    """The whole suite runs with one intra-op thread: every model here is small, and CI's timings
+    (the classic run must finish well under a minute) must not depend on what else the machine runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ FAST = ["--samples", "2000", "--iterations", "30", "--no-progress"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "actsparse", *args], capture_output=True, text=True, timeout=300)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # small models; see conftest.py
+    return subprocess.run([sys.executable, "-m", "actsparse", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_default_run_reproduces_the_classic_exercise(tmp_path, capsys):
