@@ -33,9 +33,11 @@ class TrainConfig:
 
     data: str = "patches"
     """Data source: ``patches`` (embedded natural images), ``digits`` (scikit-learn), ``synthetic``
-    (sparse ground truth), or a file (.npy/.npz/.pt/.safetensors/.csv)."""
+    (sparse ground truth), a file (.npy/.npz/.pt/.safetensors/.csv, MNIST IDX ``*-ubyte[.gz]``/``*.idx``),
+    an image folder (``folder:DIR`` or a directory: patches are cut from its images), or
+    ``torchvision:NAME:ROOT`` (if torchvision is installed; nothing is downloaded)."""
     samples: int = 10_000
-    """Number of samples to draw (patches, synthetic)."""
+    """Number of samples to draw (patches, image folders, synthetic)."""
     patch_size: int = 8
     """Side of the square patches."""
     whiten: Whiten = "1/f"
