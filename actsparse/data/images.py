@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .patches import normalize_patches, sample_patches, whiten_1f, zca_whiten
+from .patches import image_patches
 
 __all__ = ["read_grey_image", "load_image_folder", "image_patches", "folder_patches"]
 
@@ -82,21 +82,6 @@ def load_image_folder(folder: str | Path) -> tuple[list[np.ndarray], list[Path]]
     if not paths:
         raise ValueError(f"the image folder {d} is empty: put PNG or JPEG images in it")
     return [read_grey_image(p) for p in paths], paths
-
-
-def image_patches(
-    images: list[np.ndarray], n: int, size: int = 8, whiten: str = "1/f", seed: int = 0
-) -> np.ndarray:
-    """``(n, size*size)`` float64 patches of grey ``images``, normalised as the embedded patches:
-    in [0.1, 0.9], or unbounded after ZCA (``whiten="zca"``, ε = 0.1 on the patches)."""
-    if whiten not in ("1/f", "zca", "none"):
-        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
-    if whiten == "1/f":
-        images = [whiten_1f(im) for im in images]
-    p = sample_patches(images, n, size, seed)
-    if whiten == "zca":
-        return zca_whiten(p - p.mean(axis=1, keepdims=True))
-    return normalize_patches(p)
 
 
 def folder_patches(

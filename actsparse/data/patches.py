@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = [
     "grey_sample_images", "downsample", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten",
-    "natural_patches",
+    "image_patches", "natural_patches",
 ]
 
 
@@ -83,14 +83,21 @@ def zca_whiten(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
     return p @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
 
 
-def natural_patches(n: int = 10_000, size: int = 8, whiten: str = "1/f", seed: int = 0) -> np.ndarray:
-    """The default data set: ``(n, size*size)`` float64 patches in [0.1, 0.9] (ZCA: unbounded)."""
-    images = [downsample(im) for im in grey_sample_images()]
+def image_patches(
+    images: list[np.ndarray], n: int, size: int = 8, whiten: str = "1/f", seed: int = 0
+) -> np.ndarray:
+    """``(n, size*size)`` float64 patches of grey ``images``, whitened and normalised as the
+    exercise does: in [0.1, 0.9], or unbounded after ZCA (``whiten="zca"``, ε = 0.1 on the patches)."""
+    if whiten not in ("1/f", "zca", "none"):
+        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
     if whiten == "1/f":
         images = [whiten_1f(im) for im in images]
-    elif whiten not in ("none", "zca"):
-        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
     p = sample_patches(images, n, size, seed)
     if whiten == "zca":
         return zca_whiten(p - p.mean(axis=1, keepdims=True))
     return normalize_patches(p)
+
+
+def natural_patches(n: int = 10_000, size: int = 8, whiten: str = "1/f", seed: int = 0) -> np.ndarray:
+    """The default data set: ``(n, size*size)`` float64 patches in [0.1, 0.9] (ZCA: unbounded)."""
+    return image_patches([downsample(im) for im in grey_sample_images()], n, size, whiten, seed)
