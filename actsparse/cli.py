@@ -30,14 +30,12 @@ def _need(module: str):
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     """Take ``--config FILE`` (or ``--config=FILE``) out of argv: the file supplies defaults."""
     rest, path = [], None
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
+    args = iter(argv)
+    for a in args:
         if a == "--config":
-            if i + 1 >= len(argv):
+            path = next(args, None)
+            if path is None:
                 raise ValueError("--config needs a file name")
-            path = argv[i + 1]
-            next(it, None)
         elif a.startswith("--config="):
             path = a.split("=", 1)[1]
         else:
@@ -146,15 +144,15 @@ def cmd_eval(argv: list[str]) -> int:
     import json
 
     from .data import load_data
+    from .runner import dictionary_recovery
     from .train import evaluate
 
     a, model, cfg = _load_run(argv, "actsparse eval")
     data = load_data(cfg)
     m = evaluate(model, data.x)
-    if data.true_features is not None and hasattr(model, "decoder_weight"):  # one dictionary to score
-        from .metrics import mmcs
-
-        m["mmcs"] = float(mmcs(data.true_features, model.decoder_weight.t()))
+    recovery = dictionary_recovery(model, data)
+    if recovery is not None:
+        m["mmcs"] = recovery
     print(json.dumps({"run": a.run, "data": data.description, **m}, indent=2))
     return 0
 

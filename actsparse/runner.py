@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .train import TrainResult, train
 
-__all__ = ["prepare_run_dir", "run_training"]
+__all__ = ["prepare_run_dir", "run_training", "dictionary_recovery"]
 
 
 def prepare_run_dir(cfg: TrainConfig, min_free_bytes: int = 50 * 2**20) -> Path:
@@ -49,6 +49,16 @@ def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Cal
     return update, bar.close
 
 
+def dictionary_recovery(model, data) -> float | None:
+    """MMCS of the model's dictionary against the data's ground truth (synthetic data and a
+    one-layer autoencoder), else None."""
+    if data.true_features is None or not hasattr(model, "decoder_weight"):
+        return None
+    from .metrics import mmcs
+
+    return float(mmcs(data.true_features, model.decoder_weight.detach().t()))
+
+
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     """Load the data, train, and write ``config.json``, ``model.safetensors``, ``metrics.json``,
     ``metrics.jsonl`` and the figures into ``out/name``; print where everything went."""
@@ -76,12 +86,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
     finally:
         close()
     metrics = result.metrics | {"data": data.description}
-    if data.true_features is not None and hasattr(result.model, "decoder_weight"):
-        # synthetic ground truth: how well is the dictionary recovered?
-        from .metrics import mmcs
-
-        metrics["mmcs"] = float(mmcs(data.true_features, result.model.decoder_weight.t()))
-        echo(f"dictionary recovery: MMCS {metrics['mmcs']:.3f} over {data.true_features.shape[0]} true features")
+    recovery = dictionary_recovery(result.model, data)
+    if recovery is not None:
+        metrics["mmcs"] = recovery
+        echo(f"dictionary recovery: MMCS {recovery:.3f} over {data.true_features.shape[0]} true features")
     metrics["total_seconds"] = time.perf_counter() - t0
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
