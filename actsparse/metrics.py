@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .models.sparse_topk import SparseCode
+
 __all__ = ["fvu", "l0", "mmcs", "rho_hat_summary"]
 
 
@@ -23,8 +25,10 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).square().sum() / total.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def l0(code: Tensor) -> Tensor:
-    """Mean number of non-zero units per sample; code: ``(batch, d_hidden)``."""
+def l0(code: Tensor | SparseCode) -> Tensor:
+    """Mean number of non-zero units per sample; code: ``(batch, d_hidden)`` or a SparseCode."""
+    if isinstance(code, SparseCode):
+        code = code.values  # its indices are distinct within a row: count the non-zero values
     return (code != 0).sum(-1).double().mean()
 
 

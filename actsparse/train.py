@@ -22,6 +22,7 @@ from torch import Tensor
 from . import metrics as M
 from .config import TrainConfig
 from .models import SparseAutoencoder, StackedAutoencoder
+from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
 
 __all__ = ["build_model", "train", "pretrain_greedy", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
@@ -67,7 +68,7 @@ def evaluate(model: SparseAutoencoder, x: Tensor, batch_size: int = 4096) -> dic
         recon += float(out.reconstruction_loss) * xb.shape[0]
         penalty += float(out.sparsity_loss) * xb.shape[0]
         n += xb.shape[0]
-        codes.append(out.code)
+        codes.append(out.code.to_dense() if isinstance(out.code, SparseCode) else out.code)
         recons.append(out.reconstruction)
     model.train(was_training)
     code, x_hat = torch.cat(codes), torch.cat(recons)

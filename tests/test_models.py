@@ -222,8 +222,9 @@ def np_cs294a(W1, b1, W2, b2, X, *, tied=False):
     terms = (recon, BETA * kl, decay)
     if tied:
         return terms, {"W_enc": gW1 + gW2.T + LAMBDA * W1, "b_enc": d2.sum(1) / m, "b_dec": d3.sum(1) / m}
+    # actsparse stores the decoder as rows of atoms, W_dec = W2ᵀ (d_hidden, d_in)
     return terms, {"W_enc": gW1 + LAMBDA * W1, "b_enc": d2.sum(1) / m,
-                   "W_dec": gW2 + LAMBDA * W2, "b_dec": d3.sum(1) / m}
+                   "W_dec": (gW2 + LAMBDA * W2).T, "b_dec": d3.sum(1) / m}
 
 
 def classic(tied=False, seed=0):
@@ -242,7 +243,7 @@ def test_classic_autoencoder_equals_cs294a_cost_and_gradient(tied):
     m, x = classic(tied)
     out = m(x)
     p = params_np(m)
-    W2 = p["W_enc"].T if tied else p["W_dec"]
+    W2 = p["W_enc"].T if tied else p["W_dec"].T
     (recon, sparsity, decay), ref_grads = np_cs294a(p["W_enc"], p["b_enc"], W2, p["b_dec"], x.numpy().T, tied=tied)
     np.testing.assert_allclose(float(out.reconstruction_loss), recon, rtol=1e-13)
     np.testing.assert_allclose(float(out.sparsity_loss), sparsity, rtol=1e-12)
@@ -279,12 +280,12 @@ def test_pre_bias_subtracts_decoder_bias_before_encoding():
     pre = (X - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
     np.testing.assert_allclose(m.encode_pre(x).detach().numpy(), pre, rtol=1e-13)
     h = np_relu(pre)
-    x_hat = h @ p["W_dec"].T + p["b_dec"]
+    x_hat = h @ p["W_dec"] + p["b_dec"]
     n = X.size
     np.testing.assert_allclose(float(out.loss), np.sum((x_hat - X) ** 2) / n + lam * h.sum() / X.shape[0], rtol=1e-13)
     # backprop by hand: b_dec is reached through the output and through the encoder input
     d_out = 2 * (x_hat - X) / n
-    d_pre = (d_out @ p["W_dec"] + lam / X.shape[0]) * (pre > 0)
+    d_pre = (d_out @ p["W_dec"].T + lam / X.shape[0]) * (pre > 0)
     ref_b_dec = d_out.sum(0) - d_pre.sum(0) @ p["W_enc"]
     (g,) = torch.autograd.grad(out.loss, m.b_dec)
     np.testing.assert_allclose(g.numpy(), ref_b_dec, rtol=1e-10, atol=1e-14)
@@ -315,11 +316,11 @@ def test_remove_parallel_gradient_leaves_gradient_orthogonal_to_each_atom(tied, 
     m = SparseAutoencoder(6, 10, "relu", tied=tied, unit_norm_decoder=unit, penalty=L1(0.1), dtype=torch.float64)
     m.remove_parallel_gradient()  # no gradient yet: a no-op, not an error
     m(rand64(16, 6)).loss.backward()
-    grad = m.W_enc.grad.t() if tied else m.W_dec.grad
+    grad = (m.W_enc.grad if tied else m.W_dec.grad).t()  # (d_in, d_hidden), as decoder_weight
     g = grad.numpy().copy()
     w = m.decoder_weight.detach().numpy()
     m.remove_parallel_gradient()
-    g_after = (m.W_enc.grad.t() if tied else m.W_dec.grad).numpy()
+    g_after = (m.W_enc.grad if tied else m.W_dec.grad).t().numpy()
     ref = g - (np.sum(g * w, axis=0) / np.sum(w * w, axis=0)) * w
     np.testing.assert_allclose(g_after, ref, rtol=1e-10, atol=1e-14)
     dots = np.sum(g_after * w, axis=0)
@@ -377,20 +378,20 @@ def np_auxk(p, X, count_dead, k, k_aux, coef):
     """AuxK by hand: top-k_aux of ReLU(pre) among dead units, decode without bias, normalised MSE."""
     pre = X @ p["W_enc"].T + p["b_enc"]
     h = np_keep_largest_per_row(np_relu(pre), k)
-    res = X - (h @ p["W_dec"].T + p["b_dec"])
+    res = X - (h @ p["W_dec"] + p["b_dec"])
     masked = np.where(count_dead, np_relu(pre), 0.0)
     k_aux = min(k_aux, int(count_dead.sum()))
     h_aux = np.zeros_like(pre)
     for i in range(X.shape[0]):
         idx = np.argsort(-masked[i], kind="stable")[:k_aux]
         h_aux[i, idx] = masked[i, idx]
-    r_hat = h_aux @ p["W_dec"].T
+    r_hat = h_aux @ p["W_dec"]
     denom = np.sum((res - res.mean(0)) ** 2)
     loss = coef * np.sum((r_hat - res) ** 2) / denom
     # gradients with the residual held fixed
     d_r = 2 * coef * (r_hat - res) / denom
-    d_pre = np.where(h_aux > 0, d_r @ p["W_dec"], 0.0)
-    grads = {"W_enc": d_pre.T @ X, "b_enc": d_pre.sum(0), "W_dec": d_r.T @ h_aux, "b_dec": np.zeros_like(p["b_dec"])}
+    d_pre = np.where(h_aux > 0, d_r @ p["W_dec"].T, 0.0)
+    grads = {"W_enc": d_pre.T @ X, "b_enc": d_pre.sum(0), "W_dec": h_aux.T @ d_r, "b_dec": np.zeros_like(p["b_dec"])}
     return loss, grads, h_aux
 
 

@@ -2,6 +2,7 @@
 
 from .activations import ACTIVATIONS, BatchTopK, JumpReLU, KSparse, ReLU, Sigmoid, TopK, get_activation
 from .sae import ForwardOutput, SparseAutoencoder
+from .sparse_topk import SparseCode
 from .stacked import StackedAutoencoder
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ReLU",
     "Sigmoid",
     "SparseAutoencoder",
+    "SparseCode",
     "StackedAutoencoder",
     "TopK",
     "get_activation",

@@ -16,11 +16,17 @@ from torch import Tensor, nn
 
 from ..penalties import Penalty
 from .activations import BatchTopK, JumpReLU, KSparse, TopK, activation_key, get_activation
+from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 
 __all__ = ["ForwardOutput", "SparseAutoencoder"]
 
 Decoder = Literal["linear", "sigmoid"]
 ReconLoss = Literal["half_sse", "mse"]
+Decode = Literal["auto", "dense", "sparse"]
+
+#: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``: below this
+#: ratio the dense matmuls win (measured in bench/bench_scaling.py, docs/benchmarks.md).
+SPARSE_MIN_RATIO = 8
 
 
 class ForwardOutput(NamedTuple):
@@ -28,7 +34,9 @@ class ForwardOutput(NamedTuple):
 
     Attributes:
         reconstruction: x̂ ``(batch, d_in)``.
-        code: the hidden code ``(batch, d_hidden)``.
+        code: the hidden code ``(batch, d_hidden)``; on the sparse TopK path a
+            :class:`~actsparse.models.sparse_topk.SparseCode` (values and indices ``(batch, k)``,
+            ``.to_dense()``).
         reconstruction_loss: scalar; ``(1/m) Σ ½‖x̂ − x‖²`` (``half_sse``, CS294A) or the mean
             squared error per element (``mse``).
         sparsity_loss: scalar, the weighted penalty on the code (0 without a penalty).
@@ -37,7 +45,7 @@ class ForwardOutput(NamedTuple):
     """
 
     reconstruction: Tensor
-    code: Tensor
+    code: Tensor | SparseCode
     reconstruction_loss: Tensor
     sparsity_loss: Tensor
     weight_decay_loss: Tensor
@@ -73,7 +81,15 @@ class SparseAutoencoder(nn.Module):
         dead_after: a unit is dead when it has not fired in this many samples. Default 10,000.
         init: ``ufldl`` (uniform ±√(6/(d_in + d_hidden + 1)), zero biases) or ``orthogonal_tied``
             (decoder rows unit norm, encoder = decoderᵀ, as in Gao et al.).
+        decode: ``sparse`` encodes and decodes a TopK code with only its k active units per
+            sample (:mod:`~actsparse.models.sparse_topk`: same values and gradients, much less
+            work when k ≪ d_hidden); ``dense`` builds the ``(batch, d_hidden)`` code; ``auto``
+            (default) takes the sparse path for ``topk`` without a penalty when
+            ``d_hidden >= SPARSE_MIN_RATIO · k``.
         device, dtype: factory arguments.
+
+    Parameters: ``W_enc`` ``(d_hidden, d_in)``, ``b_enc`` ``(d_hidden,)``, ``W_dec``
+    ``(d_hidden, d_in)`` (one dictionary atom per row; absent when tied), ``b_dec`` ``(d_in,)``.
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class SparseAutoencoder(nn.Module):
         auxk_coef: float = 1 / 32,
         dead_after: int = 10_000,
         init: Literal["ufldl", "orthogonal_tied"] = "ufldl",
+        decode: Decode = "auto",
         device=None,
         dtype=None,
     ) -> None:
@@ -115,6 +132,8 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"auxk_coef must be a finite number >= 0, got {auxk_coef!r}")
         if isinstance(dead_after, bool) or not isinstance(dead_after, int) or dead_after < 1:
             raise ValueError(f"dead_after must be a positive int (a number of samples), got {dead_after!r}")
+        if decode not in ("auto", "dense", "sparse"):
+            raise ValueError(f"decode must be 'auto', 'dense' or 'sparse', got {decode!r}")
         fk = {"device": device, "dtype": dtype}
         self.d_in, self.d_hidden = d_in, d_hidden
         if isinstance(activation, nn.Module):
@@ -133,20 +152,43 @@ class SparseAutoencoder(nn.Module):
         self.auxk = auxk
         self.auxk_coef = float(auxk_coef)
         self.dead_after = int(dead_after)
+        self.sparse = self._choose_sparse(decode)
 
         self.W_enc = nn.Parameter(torch.empty(d_hidden, d_in, **fk))
         self.b_enc = nn.Parameter(torch.zeros(d_hidden, **fk))
-        self.W_dec = None if tied else nn.Parameter(torch.empty(d_in, d_hidden, **fk))
+        # atoms as rows (d_hidden, d_in), as in sparsify and SAELens: the sparse path gathers rows
+        self.W_dec = None if tied else nn.Parameter(torch.empty(d_hidden, d_in, **fk))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **fk))
         # samples since each unit last fired (dead-unit tracking, AuxK)
         self.register_buffer("samples_since_fired", torch.zeros(d_hidden, dtype=torch.long, device=device))
         self.reset_parameters(init)
 
+    def _choose_sparse(self, decode: str) -> bool:
+        topk = isinstance(self.activation, TopK)
+        if decode == "sparse":
+            if not topk:
+                raise ValueError(f"decode='sparse' needs the topk activation, got {type(self.activation).__name__}; "
+                                 "use decode='dense'")
+            if self.penalty is not None:
+                raise ValueError("decode='sparse' cannot apply a penalty (it needs the dense code); "
+                                 "use decode='dense' or drop the penalty")
+            if self.k > self.d_hidden:
+                raise ValueError(f"k={self.k} is larger than the number of hidden units d_sae={self.d_hidden}")
+            return True
+        return decode == "auto" and topk and self.penalty is None and self.d_hidden >= SPARSE_MIN_RATIO * self.k
+
     # ------------------------------------------------------------------ parameters
     @property
+    def atoms(self) -> Tensor:
+        """The dictionary ``(d_hidden, d_in)``: row j is hidden unit j's decoder atom
+        (``W_dec``, or ``W_enc`` when tied)."""
+        return self.W_enc if self.W_dec is None else self.W_dec
+
+    @property
     def decoder_weight(self) -> Tensor:
-        """The decoder matrix ``(d_in, d_hidden)``; column j is hidden unit j's dictionary atom."""
-        return self.W_enc.t() if self.W_dec is None else self.W_dec
+        """The decoder matrix ``(d_in, d_hidden)`` (a view of :attr:`atoms` transposed);
+        column j is hidden unit j's dictionary atom."""
+        return self.atoms.t()
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "ufldl") -> None:
@@ -156,11 +198,11 @@ class SparseAutoencoder(nn.Module):
             if self.W_dec is not None:
                 self.W_dec.uniform_(-r, r)
         elif init == "orthogonal_tied":
-            w = torch.randn_like(self.W_enc.t())
-            w /= w.norm(dim=0, keepdim=True)
+            w = torch.randn_like(self.W_enc)
+            w /= w.norm(dim=1, keepdim=True)
             if self.W_dec is not None:
                 self.W_dec.copy_(w)
-            self.W_enc.copy_(w.t())
+            self.W_enc.copy_(w)
         else:
             raise ValueError(f"init must be 'ufldl' or 'orthogonal_tied', got {init!r}")
         self.b_enc.zero_()
@@ -171,39 +213,44 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale each hidden unit's decoder atom to unit norm (call after the optimiser step)."""
-        w = self.decoder_weight
-        w /= w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        w = self.atoms
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Remove from the decoder gradient its component parallel to each atom (unit-norm SAEs).
 
-        With tied weights the decoder gradient is ``W_enc.grad`` transposed (both uses of W_enc).
+        With tied weights the decoder gradient is ``W_enc.grad`` (both uses of W_enc).
         A no-op when there is no gradient yet.
         """
-        g = self.W_enc.grad if self.W_dec is None else self.W_dec.grad
+        w = self.atoms
+        g = w.grad
         if g is None:
             return
-        if self.W_dec is None:
-            g = g.t()
-        # project on the unit atom, so the result is orthogonal even if the atom is not unit-norm yet
-        u = self.decoder_weight / self.decoder_weight.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        g -= (g * u).sum(dim=0, keepdim=True) * u
+        # project on the unit atom, so the result is orthogonal even if the atom is not unit-norm yet:
+        # g −= (g·w / ‖w‖²) w, one fused pass per row
+        coef = (g * w).sum(dim=1, keepdim=True) / w.square().sum(dim=1, keepdim=True).clamp_min(1e-24)
+        g.sub_(coef * w)
 
     # ------------------------------------------------------------------ forward
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.pre_bias else x
+
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activations ``(batch, d_hidden)``."""
-        if self.pre_bias:
-            x = x - self.b_dec
-        return nn.functional.linear(x, self.W_enc, self.b_enc)
+        return nn.functional.linear(self._encoder_input(x), self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """The hidden code ``(batch, d_hidden)``."""
         return self.activation(self.encode_pre(x))
 
-    def decode(self, h: Tensor) -> Tensor:
-        """The reconstruction ``(batch, d_in)``."""
-        out = nn.functional.linear(h, self.decoder_weight, self.b_dec)
+    def decode(self, h: Tensor | SparseCode) -> Tensor:
+        """The reconstruction ``(batch, d_in)`` of a dense code ``(batch, d_hidden)`` or a
+        :class:`~actsparse.models.sparse_topk.SparseCode`."""
+        if isinstance(h, SparseCode):
+            out = sparse_decode(h.values, h.indices, self.atoms, self.b_dec)
+        else:
+            out = nn.functional.linear(h, self.decoder_weight, self.b_dec)
         return torch.sigmoid(out) if self.decoder_kind == "sigmoid" else out
 
     def _recon(self, x_hat: Tensor, x: Tensor) -> Tensor:
@@ -218,8 +265,15 @@ class SparseAutoencoder(nn.Module):
             raise TypeError(f"input must be a tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected input of shape (batch, {self.d_in}), got {tuple(x.shape)}")
-        pre = self.encode_pre(x)
-        h = self.activation(pre)
+        x_in = self._encoder_input(x)
+        if self.sparse:
+            with torch.no_grad():  # the top-k needs every pre-activation; the gradient is sparse
+                pre = nn.functional.linear(x_in, self.W_enc, self.b_enc)
+            idx = pre.topk(self.k, dim=-1, sorted=False).indices
+            h = SparseCode(torch.relu(self._select(x_in, pre, idx)), idx, self.d_hidden)
+        else:
+            pre = nn.functional.linear(x_in, self.W_enc, self.b_enc)
+            h = self.activation(pre)
         x_hat = self.decode(h)
         zero = x_hat.new_zeros(())
         recon = self._recon(x_hat, x)
@@ -230,12 +284,21 @@ class SparseAutoencoder(nn.Module):
             decay = 0.5 * self.weight_decay * sum(w.square().sum() for w in mats)
         if self.training:
             self._track_firing(h)
-        auxk = self._auxk_loss(pre, x, x_hat) if (self.auxk and self.training) else zero
+        auxk = self._auxk_loss(x_in, pre, x, x_hat) if (self.auxk and self.training) else zero
         return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk)
 
+    def _select(self, x_in: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
+        """Pre-activations at ``idx`` ``(batch, k)``; on the sparse path with the sparse backward."""
+        if self.sparse:
+            return gathered_linear(x_in, self.W_enc, self.b_enc, idx, pre)
+        return pre.gather(-1, idx)
+
     @torch.no_grad()
-    def _track_firing(self, h: Tensor) -> None:
-        fired = (h != 0).any(dim=0)  # != 0, not > 0: k-sparse units are linear and may fire negative
+    def _track_firing(self, h: Tensor | SparseCode) -> None:
+        if isinstance(h, SparseCode):
+            fired = h.fired()
+        else:
+            fired = (h != 0).any(dim=0)  # != 0, not > 0: k-sparse units are linear and may fire negative
         self.samples_since_fired += h.shape[0]
         self.samples_since_fired[fired] = 0
 
@@ -244,7 +307,7 @@ class SparseAutoencoder(nn.Module):
         """``(d_hidden,)`` bool: units that have not fired in the last ``dead_after`` samples."""
         return self.samples_since_fired >= self.dead_after
 
-    def _auxk_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor) -> Tensor:
+    def _auxk_loss(self, x_in: Tensor, pre: Tensor, x: Tensor, x_hat: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): reconstruct the residual with the top-k_aux *dead* latents,
         normalised by the residual's variance; zero when no unit is dead."""
         dead = self.dead_mask
@@ -252,11 +315,11 @@ class SparseAutoencoder(nn.Module):
         if n_dead == 0:
             return x_hat.new_zeros(())
         k_aux = min(self.auxk, n_dead)
-        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
-        values, idx = masked.topk(k_aux, dim=-1)
-        h_aux = torch.zeros_like(pre).scatter(-1, idx, values)
+        with torch.no_grad():  # k_aux <= n_dead, so every chosen unit is dead
+            idx = torch.where(dead, pre, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+        values = torch.relu(self._select(x_in, pre, idx))
         residual = (x - x_hat).detach()
-        r_hat = nn.functional.linear(h_aux, self.decoder_weight)
+        r_hat = sparse_decode(values, idx, self.atoms)
         denom = (residual - residual.mean(0)).square().sum().clamp_min(1e-12)
         return self.auxk_coef * (r_hat - residual).square().sum() / denom
 
