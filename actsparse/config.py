@@ -63,6 +63,9 @@ class TrainConfig:
     """Tie the decoder to the encoder's transpose."""
     auxk: int | None = None
     """AuxK loss on this many dead latents (Gao et al. 2024; for topk SAEs), or none."""
+    decode: Literal["auto", "dense", "sparse"] = "auto"
+    """TopK SAEs: ``sparse`` encodes and decodes with only the k active units per sample (same
+    result, much faster when k ≪ hidden); ``auto`` picks it when it is faster."""
 
     penalty: str | None = "kl"
     """Sparsity penalty on the hidden code: one of the registry names, or ``none``."""
@@ -140,6 +143,12 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
+        if self.decode not in ("auto", "dense", "sparse"):
+            raise ConfigError(f"--decode must be auto, dense or sparse, got {self.decode!r}")
+        if self.decode == "sparse" and (self.activation != "topk" or self.penalty is not None or self.model != "sae"):
+            raise ConfigError("--decode sparse needs --activation topk, --penalty none and --model sae "
+                              f"(got --activation {self.activation}, --penalty {self.penalty or 'none'}, "
+                              f"--model {self.model})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -133,3 +133,20 @@ def test_auto_chooses_the_sparse_path_only_where_it_applies():
 def test_bad_decode_requests_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseAutoencoder(8, 32, **kwargs)
+
+
+def test_training_on_either_path_reaches_the_same_weights():
+    from actsparse.config import ConfigError, TrainConfig
+    from actsparse.data import make_synthetic
+    from actsparse.train import train
+
+    x = make_synthetic(600, d=16, n_features=48, active=3, seed=1).x.double()
+    base = dict(data="synthetic", hidden=64, activation="topk", k=4, decoder="linear", penalty=None,
+                optimizer="adam", epochs=2, batch_size=50, lr=3e-3, weight_decay=0.0, auxk=8, validation=0.0)
+    runs = {d: train(TrainConfig(**base, decode=d), x) for d in ("dense", "sparse")}
+    assert runs["sparse"].model.sparse and not runs["dense"].model.sparse
+    for (name, a), b in zip(runs["dense"].model.state_dict().items(), runs["sparse"].model.state_dict().values()):
+        np.testing.assert_allclose(b.double().numpy(), a.double().numpy(), rtol=1e-9, atol=1e-11, err_msg=name)
+    assert runs["sparse"].metrics["fvu"] == pytest.approx(runs["dense"].metrics["fvu"], rel=1e-9)
+    with pytest.raises(ConfigError, match="--decode sparse needs"):
+        TrainConfig(**(base | {"penalty": "l1"}), decode="sparse")

@@ -227,10 +227,11 @@ class SparseAutoencoder(nn.Module):
         g = w.grad
         if g is None:
             return
-        # project on the unit atom, so the result is orthogonal even if the atom is not unit-norm yet:
-        # g −= (g·w / ‖w‖²) w, one fused pass per row
-        coef = (g * w).sum(dim=1, keepdim=True) / w.square().sum(dim=1, keepdim=True).clamp_min(1e-24)
-        g.sub_(coef * w)
+        # project on the atom's direction, so the result is orthogonal even if the atom is not
+        # unit-norm yet: g −= (g·w / ‖w‖²) w, with fused row dots and an in-place update (no
+        # (d_hidden, d_in) temporaries: this runs on the whole dictionary every step)
+        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-24)
+        g.addcmul_(coef.unsqueeze(1), w, value=-1)
 
     # ------------------------------------------------------------------ forward
     def _encoder_input(self, x: Tensor) -> Tensor:
