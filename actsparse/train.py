@@ -25,7 +25,8 @@ from .models import SparseAutoencoder, StackedAutoencoder
 from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
 
-__all__ = ["build_model", "train", "train_step", "minibatch_optimizer", "pretrain_greedy", "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint"]
+__all__ = ["build_model", "train", "train_step", "minibatch_optimizer", "pretrain_greedy", "TrainResult", "evaluate",
+           "save_checkpoint", "load_checkpoint"]
 
 
 class TrainingError(RuntimeError):
