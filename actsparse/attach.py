@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -145,15 +146,14 @@ def _first_tensor(output: object, name: str) -> Tensor:
 
 
 @torch.no_grad()
-def _unit_stats(a: Tensor, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    """Per-unit mean activation and firing fraction, both ``(units,)`` float32, detached."""
+def _unit_stats(a: Tensor, unit_dim: int, th: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Per-unit mean activation and firing fraction (``a > th``), both ``(units,)`` float32, detached."""
     a = a.detach()
     if a.dim() == 1:  # (batch,): one unit
         a = a.unsqueeze(-1)
-    dims = [i for i in range(a.dim()) if i != F.normalize_unit_dim(a, penalty.unit_dim)]
-    th = penalty.firing_threshold
+    dims = [i for i in range(a.dim()) if i != F.normalize_unit_dim(a, unit_dim)]
     if isinstance(th, Tensor):
-        th = F.unit_view(th.detach(), a, penalty.unit_dim)
+        th = F.unit_view(th, a, unit_dim)
     rho = a.mean(dim=dims, dtype=torch.float32)
     fire = (a > th).mean(dim=dims, dtype=torch.float32)
     return rho, fire
@@ -185,7 +185,7 @@ class TargetStats:
 class _Hooked:
     """One (module, penalty) pair and what its hook captured in the current forward."""
 
-    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "unit_sums")
+    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "captured")
 
     def __init__(self, name: str, module: nn.Module, penalty: Penalty) -> None:
         self.name = name
@@ -197,18 +197,29 @@ class _Hooked:
     def clear(self) -> None:
         self.value: Tensor | None = None
         self.calls = 0
-        # per width: [calls, Σ ρ̂ (units,), Σ firing fraction (units,)]; a module called on
-        # inputs of different widths (one ReLU after layers of 32 and 16 units) keeps one entry each
-        self.unit_sums: dict[int, list] = {}
+        # (detached output, its version counter, firing threshold) per call. Statistics are
+        # computed from these only when asked for, so a training step pays nothing for them; the
+        # outputs are alive anyway until the backward, and are released at the next forward.
+        self.captured: list[tuple[Tensor, int, float | Tensor]] = []
 
-    def add_stats(self, rho: Tensor, fire: Tensor) -> None:
-        entry = self.unit_sums.get(rho.numel())
-        if entry is None:
-            self.unit_sums[rho.numel()] = [1, rho, fire]
-        else:
-            entry[0] += 1
-            entry[1] = entry[1] + rho
-            entry[2] = entry[2] + fire
+    def unit_sums(self) -> dict[int, list] | None:
+        """Per width: ``[calls, Σ ρ̂ (units,), Σ firing fraction (units,)]``; a module called on
+        inputs of different widths (one ReLU after layers of 32 and 16 units) gets one entry each.
+        None if an output was modified in place after the hook saw it (e.g. a following
+        ``ReLU(inplace=True)``): its statistics are gone."""
+        sums: dict[int, list] = {}
+        for a, version, th in self.captured:
+            if a._version != version:
+                return None
+            rho, fire = _unit_stats(a, self.penalty.unit_dim, th)
+            entry = sums.get(rho.numel())
+            if entry is None:
+                sums[rho.numel()] = [1, rho, fire]
+            else:
+                entry[0] += 1
+                entry[1] = entry[1] + rho
+                entry[2] = entry[2] + fire
+        return sums
 
 
 class Attachment:
@@ -288,8 +299,8 @@ class Attachment:
             h.value = value if h.value is None else h.value + value
             h.calls += 1
             if self.track_stats:
-                rho, fire = _unit_stats(a, penalty)
-                h.add_stats(rho, fire)
+                th = penalty.firing_threshold  # a learned threshold moves at the next step: keep today's
+                h.captured.append((a.detach(), a._version, th.detach().clone() if isinstance(th, Tensor) else th))
 
         return hook
 
@@ -339,18 +350,25 @@ class Attachment:
         """Per target: penalty, mean ρ̂, target, active fraction and dead units of the latest forward.
 
         Targets that did not run in the latest forward are reported with ``calls=0`` and NaN
-        values. Statistics need ``attach(..., stats=True)`` (the default).
+        values. Statistics need ``attach(..., stats=True)`` (the default); they are computed
+        here, from the outputs the hooks kept, so training steps do not pay for them. A target
+        whose output was modified in place after its hook ran (e.g. by ``ReLU(inplace=True)``) is
+        reported with NaN statistics and a warning.
         """
         out: dict[str, TargetStats] = {}
         for key, h in self._keyed():
             target = getattr(h.penalty, "target", None)
-            if h.calls == 0 or not h.unit_sums:
+            sums = h.unit_sums()
+            if sums is None:
+                warnings.warn(f"the output of {key!r} was modified in place after the penalty read it (an "
+                              "inplace=True layer after it?): its statistics are not available", stacklevel=2)
+            if h.calls == 0 or not sums:
                 value = float(h.value.detach()) if h.value is not None else math.nan
                 out[key] = TargetStats(value, math.nan, target, math.nan, 0, 0, h.calls)
                 continue
             # average calls of the same width; units of different widths are listed side by side
-            rho = torch.cat([r / n for n, r, _ in h.unit_sums.values()])
-            fire = torch.cat([f / n for n, _, f in h.unit_sums.values()])
+            rho = torch.cat([r / n for n, r, _ in sums.values()])
+            fire = torch.cat([f / n for n, _, f in sums.values()])
             out[key] = TargetStats(
                 penalty=float(h.value.detach()) if h.value is not None else math.nan,
                 mean_rho_hat=float(rho.mean()),

@@ -34,6 +34,8 @@ def parse_args(description: str, **extra: Any) -> argparse.Namespace:
     for name, kwargs in extra.items():
         p.add_argument(f"--{name.replace('_', '-')}", **kwargs)
     args = p.parse_args()
+    if args.smoke and not args.threads:
+        args.threads = 1  # tiny sizes: a second thread only spin-waits (and the test suite runs beside others)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rounds is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 
 import pytest
@@ -227,7 +228,7 @@ def test_thousand_steps_constant_hooks_and_memory(model):
     def check_kept(reg):  # a function, so that no reference outlives the check
         for h in reg._hooked:
             assert h.calls == 1 and h.value.dim() == 0
-            ((n, rho, fire),) = h.unit_sums.values()
+            ((n, rho, fire),) = h.unit_sums().values()
             assert n == 1 and rho.dim() == 1 and rho.shape == fire.shape
 
     counts = []
@@ -355,3 +356,23 @@ def test_regularize_a_sequential_keeps_its_output():
     reg = actsparse.attach(model)
     model(x)
     assert float(reg.penalty()) == pytest.approx(float(0.1 * y.abs().sum() / 2), rel=1e-6)
+
+
+def test_stats_of_an_output_modified_in_place_are_reported_missing():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    reg = actsparse.attach(model, {"0": actsparse.L1(1e-3)})
+    model(torch.randn(4, 6))  # the ReLU overwrote the Linear's output after the hook kept it
+    with pytest.warns(UserWarning, match="modified in place"):
+        st = reg.stats()["0"]
+    assert math.isnan(st.mean_rho_hat) and st.calls == 1 and st.penalty > 0
+
+
+def test_stats_use_the_threshold_of_the_forward_not_a_later_one():
+    th = nn.Parameter(torch.full((4,), 0.5, dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(3, 4).double())
+    reg = actsparse.attach(model, {"0": actsparse.FrequencyKL(0.2, threshold=th)})
+    x = torch.randn(50, 3, dtype=torch.float64)
+    a = model(x).detach()
+    with torch.no_grad():
+        th.fill_(10.0)  # an optimiser step moves the learned threshold after the forward
+    assert reg.stats()["0"].active_fraction == pytest.approx(float((a > 0.5).double().mean()))
