@@ -230,7 +230,7 @@ class SparseAutoencoder(nn.Module):
         # project on the atom's direction, so the result is orthogonal even if the atom is not
         # unit-norm yet: g −= (g·w / ‖w‖²) w, with fused row dots and an in-place update (no
         # (d_hidden, d_in) temporaries: this runs on the whole dictionary every step)
-        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-24)
+        coef = torch.einsum("ij,ij->i", g, w) / torch.linalg.vector_norm(w, dim=1).square().clamp_min(1e-24)
         g.addcmul_(coef.unsqueeze(1), w, value=-1)
 
     # ------------------------------------------------------------------ forward
