@@ -49,6 +49,7 @@ import actsparse  # noqa: E402
 from actsparse.data import make_synthetic  # noqa: E402
 from actsparse.metrics import fvu  # noqa: E402
 from actsparse.models import SparseAutoencoder  # noqa: E402
+from actsparse.train import train_step  # noqa: E402
 
 FULL = {"d_in": 512, "d_sae": 8192, "k": 32, "batch": 512, "n_features": 16_384, "active": 32.0,
         "train_batches": 16, "heldout": 2048, "steps": 40, "min_seconds": 1.0}
@@ -61,8 +62,9 @@ def decode_supported() -> bool:
     return "decode" in inspect.signature(SparseAutoencoder).parameters
 
 
-def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: str | None = None) -> Contender:
-    """actsparse's TopK SAE, stepped exactly as ``actsparse.train._train_minibatch`` does.
+def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: str | None = None,
+                   fused: bool = False) -> Contender:
+    """actsparse's TopK SAE, stepped by ``actsparse.train.train_step`` as its trainer does.
 
     ``decode`` (``auto``/``dense``/``sparse``) is passed only where the constructor takes it, so
     that the benchmark also runs on an actsparse without the sparse path."""
@@ -70,15 +72,12 @@ def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: 
     torch.manual_seed(seed)
     model = SparseAutoencoder(d_in, d_sae, "topk", k=k, decoder="linear", unit_norm_decoder=True,
                               init="orthogonal_tied", recon_loss="mse", **extra)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
 
     def step(x: Tensor) -> None:
-        out = model(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()  # reconstruction (mse) only: no penalty, no weight decay, AuxK off
-        model.remove_parallel_gradient()
-        opt.step()
-        model.normalize_decoder()
+        # forward, backward of the mse (no penalty, no weight decay, AuxK off), parallel-gradient
+        # removal, Adam, decoder renormalisation
+        train_step(model, opt, x)
 
     @torch.no_grad()
     def reconstruct(x: Tensor) -> Tensor:
@@ -120,8 +119,12 @@ def main() -> None:
                       lr=dict(type=float, default=1e-3, help="Adam's learning rate, for every contender"),
                       decode=dict(choices=("auto", "dense", "sparse"), default="auto",
                                   help="actsparse's decode path, where supported (default auto)"),
-                      seed=dict(type=int, default=0, help="seed of the data and of every model's init"))
+                      seed=dict(type=int, default=0, help="seed of the data and of every model's init"),
+                      adam=dict(choices=("fused", "plain"), default="fused",
+                                help="Adam for every contender: the fused kernel (actsparse's trainer) or the "
+                                     "default implementation (default fused)"))
     p = dict(SMOKE if args.smoke else FULL)
+    fused = args.adam == "fused"
     d_in, d_sae, k, batch = p["d_in"], p["d_sae"], p["k"], p["batch"]
 
     # one fixed draw for everyone: the training batches, then the held-out slice
@@ -133,11 +136,12 @@ def main() -> None:
     del x
 
     makers: dict[str, Callable[[], Contender]] = {
-        "actsparse": lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode=args.decode)}
+        "actsparse": lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode=args.decode, fused=fused)}
     if decode_supported() and args.decode != "dense":
-        makers["actsparse_dense"] = lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode="dense")
-    makers["sparsify"] = lambda: make_sparsify(d_in, d_sae, k, args.lr, args.seed)
-    makers["sae_lens"] = lambda: make_saelens(d_in, d_sae, k, args.lr, args.seed)
+        makers["actsparse_dense"] = lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode="dense",
+                                                           fused=fused)
+    makers["sparsify"] = lambda: make_sparsify(d_in, d_sae, k, args.lr, args.seed, fused=fused)
+    makers["sae_lens"] = lambda: make_saelens(d_in, d_sae, k, args.lr, args.seed, fused=fused)
 
     contenders: dict[str, Contender] = {}
     missing: dict[str, str] = {}
@@ -179,7 +183,8 @@ def main() -> None:
     gflops = None if args.smoke else 2 * 2048**3 / time_block(matmul_flops(), 3) / 1e9
     payload: dict[str, Any] = {
         "_gflops": gflops,
-        "problem": {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "lr": args.lr, "optimizer": "Adam",
+        "problem": {"d_in": d_in, "d_sae": d_sae, "k": k, "batch": batch, "lr": args.lr,
+                    "optimizer": f"Adam ({args.adam})",
                     "steps": total, "train_batches": p["train_batches"], "heldout": p["heldout"],
                     "data": f"make_synthetic(n_features={p['n_features']}, active={p['active']}, seed={args.seed})",
                     "decode": args.decode if decode_supported() else "unsupported", "rounds": args.rounds,
@@ -189,7 +194,7 @@ def main() -> None:
         "ratios": ratios,
         "fvu_heldout": fvus,
     }
-    write_result("topk_peers", payload, args)
+    write_result(f"topk_peers_{args.adam}_adam", payload, args)
     for name in contenders:
         s = results[name]["samples_per_s"]
         print(f"{name:16s} {s['median']:10.0f} samples/s ({s['min']:.0f}..{s['max']:.0f})  FVU {fvus[name]:.4f}",

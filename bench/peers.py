@@ -7,7 +7,8 @@ handling the peer's own trainer does, a plain ``torch.optim.Adam`` step at ``lr`
 
 What is made the same for every contender, so that they do the same work:
 
-* the optimiser: plain ``torch.optim.Adam(params, lr)``; no learning-rate warm-up or schedule,
+* the optimiser: ``torch.optim.Adam(params, lr, fused=fused)``, the same for all (``fused``: the
+  one-kernel implementation actsparse's trainer uses); no learning-rate warm-up or schedule,
   no gradient clipping (sae-lens's trainer clips the gradient norm to 1, sparsify's picks its
   own lr and defaults to Signum; neither is done here);
 * the auxiliary (AuxK, dead-latent) loss is off: sparsify gets no ``dead_mask``, sae-lens a
@@ -53,7 +54,7 @@ def _missing(package: str, module: str) -> ImportError:
                        "install it in the benchmark's environment, see bench/requirements-peers.txt")
 
 
-def make_sparsify(d_in: int, d_sae: int, k: int, lr: float, seed: int) -> Contender:
+def make_sparsify(d_in: int, d_sae: int, k: int, lr: float, seed: int, fused: bool = False) -> Contender:
     """EleutherAI's ``sparsify.SparseCoder`` (PyPI ``eai-sparsify``): a TopK SAE with a fused
     encoder (dense matmul, then top-k, with a sparse backward) and a sparse ``embedding_bag``
     decoder. Its trainer's step, for ``loss_fn="fvu"`` and ``auxk_alpha=0``: unit-norm decoder
@@ -69,7 +70,7 @@ def make_sparsify(d_in: int, d_sae: int, k: int, lr: float, seed: int) -> Conten
     torch.manual_seed(seed)
     model = SparseCoder(d_in, SaeConfig(activation="topk", num_latents=d_sae, k=k, normalize_decoder=True),
                         device="cpu", dtype=torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
 
     def step(x: Tensor) -> None:
         # as sparsify.Trainer: renormalise before the forward (the Adam step moved the rows)
@@ -90,7 +91,7 @@ def make_sparsify(d_in: int, d_sae: int, k: int, lr: float, seed: int) -> Conten
                      "sparsify's b_dec init to the data mean at step 0 is not done")
 
 
-def make_saelens(d_in: int, d_sae: int, k: int, lr: float, seed: int) -> Contender:
+def make_saelens(d_in: int, d_sae: int, k: int, lr: float, seed: int, fused: bool = False) -> Contender:
     """sae-lens's ``TopKTrainingSAE`` with its default config (decoder rows initialised to norm
     0.1, pre-activations rescaled by the decoder-row norms instead of normalising the decoder,
     dense activations and decoder). Loss = ``training_forward_pass(...).loss`` (the MSE loss;
@@ -106,7 +107,7 @@ def make_saelens(d_in: int, d_sae: int, k: int, lr: float, seed: int) -> Contend
     cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu")
     model = TopKTrainingSAE(cfg)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     n_steps = 0
 
     def step(x: Tensor) -> None:

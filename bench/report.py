@@ -1,0 +1,161 @@
+"""Write the tables of ``docs/benchmarks.md`` from the JSON results in ``bench/results/``.
+
+The generated part sits between two marker lines, so the hand-written text around it (what each
+benchmark measures, the analysis) stays. Run after the benchmarks:
+
+    python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- BEGIN GENERATED: bench/report.py -->", "<!-- END GENERATED -->"
+
+
+def spread(d: dict[str, float], fmt: str = "{:.2f}") -> str:
+    """``median (min..max)``."""
+    return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}..{fmt.format(d['max'])})"
+
+
+def machine_line(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    gf = f", fp32 matmul {m['matmul_fp32_gflops']:.0f} GFLOP/s" if m.get("matmul_fp32_gflops") else ""
+    load = f", load average {m['load_average']:.2f} at start" if "load_average" in m else ""
+    return (f"*{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['cpu_capability']}, torch {m['torch']}, "
+            f"numpy {m['numpy']}, {m['date']}{gf}{load}.*")
+
+
+def attach_overhead(r: dict[str, Any]) -> list[str]:
+    s = r["shape"]
+    return [f"MLP {s['d_in']}→{s['width']}→{s['width']}→10, batch {s['batch']}.", "",
+            "| variant | step (ms) | time / inline |", "|---|---|---|",
+            f"| inline math | {spread(r['step_ms']['inline'])} | 1 |",
+            f"| `attach` (defaults: statistics kept, inputs checked) | {spread(r['step_ms']['attach'])} | "
+            f"**{spread(r['attach_over_inline'], '{:.3f}')}** |",
+            f"| `attach(stats=False)`, `check=False` | {spread(r['step_ms']['attach_lean'])} | "
+            f"{spread(r['attach_lean_over_inline'], '{:.3f}')} |",
+            "", f"Penalty of one forward: inline {r['penalty_values']['inline']:.9g}, "
+                f"attach {r['penalty_values']['attach']:.9g}. Target: {r['target']}."]
+
+
+def tutorial_pattern(r: dict[str, Any]) -> list[str]:
+    out = ["| batch | tutorial step (ms) | actsparse step (ms) | tutorial / actsparse | penalty (tutorial, "
+           "actsparse) |", "|---|---|---|---|---|"]
+    for name, v in r["results"].items():
+        pv = v["penalty_values_first_step"]
+        out.append(f"| {name.split('_')[1]} | {spread(v['step_ms']['tutorial'])} | {spread(v['step_ms']['actsparse'])} "
+                   f"| **{spread(v['tutorial_over_actsparse'])}** | {pv['tutorial']:.7g}, {pv['actsparse']:.7g} |")
+    return out + ["", f"Widths {'→'.join(map(str, r['widths']))}. Target: {r['target']}."]
+
+
+def classic_scipy(r: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("ratio", "actsparse_over_scipy", "time_ratio"):
+        if key in r:
+            out.append(f"Time actsparse / SciPy: **{spread(r[key], '{:.3f}')}**.")
+            break
+    rest = {k: v for k, v in r.items() if k not in ("benchmark", "smoke", "machine")}
+    out += ["", "```json", json.dumps(rest, indent=1, default=str)[:4000], "```"]
+    return out
+
+
+def dense_step(r: dict[str, Any]) -> list[str]:
+    s = r["shape"]
+    return [f"ReLU SAE {s['d_in']}→{s['d_sae']}→{s['d_in']}, L1, batch {s['batch']}: "
+            f"{s['step_gflop']:.2f} GFLOP per step (5 matmuls). Matmul probe (2048²): "
+            f"{spread(r['matmul_gflops'], '{:.0f}')} GFLOP/s.", "",
+            "| variant | step (ms) | efficiency (step FLOP/s ÷ matmul FLOP/s) |", "|---|---|---|",
+            f"| actsparse `train_step` (fused Adam) | {spread(r['step_ms']['actsparse'])} | "
+            f"**{spread(r['efficiency']['actsparse'], '{:.3f}')}** |",
+            f"| plain PyTorch (`nn.Linear`, `torch.optim.Adam` defaults) | {spread(r['step_ms']['plain_pytorch'])} | "
+            f"{spread(r['efficiency']['plain_pytorch'], '{:.3f}')} |", "", f"Target: {r['target']}."]
+
+
+def topk_peers(r: dict[str, Any]) -> list[str]:
+    p = r["problem"]
+    out = [f"d_in {p['d_in']}, d_sae {p['d_sae']}, k {p['k']}, batch {p['batch']}, {p['optimizer']} lr {p['lr']}, "
+           f"{p['steps']} steps each, data {p['data']}.", "",
+           "| contender | samples/s | held-out FVU |", "|---|---|---|"]
+    for name, v in r["contenders"].items():
+        if isinstance(v, str):
+            out.append(f"| {name} | {v} | |")
+        else:
+            out.append(f"| {name} ({v['version']}) | {spread(v['samples_per_s'], '{:.0f}')} | {v['fvu']:.4f} |")
+    out.append(f"| floor: {r['floor']['what']} | {spread(r['floor']['samples_per_s'], '{:.0f}')} | |")
+    out += ["", "| ratio | median (min..max) |", "|---|---|"]
+    for name, v in r["ratios"].items():
+        peer = f" ({v['peer']})" if "peer" in v else ""
+        out.append(f"| {name}{peer} | {spread(v, '{:.2f}')} |")
+    return out
+
+
+def scaling(r: dict[str, Any]) -> list[str]:
+    out = [f"d_in {r['d_in']}, batch {r['batch']}, fused Adam, unit-norm decoder.", "",
+           "| d_sae | k | d_sae/k | dense samples/s | sparse samples/s | speed-up sparse/dense | peak MiB dense | "
+           "peak MiB sparse |", "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        mem = row["peak_mib"]
+        fmt = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
+        out.append(f"| {row['d_sae']} | {row['k']} | {row['ratio_d_sae_over_k']:.0f} | "
+                   f"{row['samples_per_s']['dense']:.0f} | {row['samples_per_s']['sparse']:.0f} | "
+                   f"{spread(row['speedup_sparse_over_dense'])} | {fmt(mem['dense'])} | {fmt(mem['sparse'])} |")
+    c = r["crossover"]
+    return out + ["", f"Sparse is faster from d_sae/k = {c['sparse_faster_from_ratio']}; dense is faster up to "
+                      f"d_sae/k = {c['dense_faster_up_to_ratio']}. `decode=\"auto\"` takes the sparse path from "
+                      f"d_sae/k ≥ {c['auto_rule_SPARSE_MIN_RATIO']}."]
+
+
+SECTIONS = [  # (result file stem, title, command, formatter)
+    ("attach_overhead", "1. attach() overhead vs the same math inline", "python bench/bench_attach_overhead.py",
+     attach_overhead),
+    ("tutorial_pattern", "2. vs the tutorial pattern (re-running the layers, seed 003)",
+     "python bench/bench_tutorial_pattern.py", tutorial_pattern),
+    ("classic_scipy", "3. The classic exercise vs SciPy L-BFGS-B", "python bench/bench_classic_scipy.py",
+     classic_scipy),
+    ("dense_step", "4. Dense SAE step efficiency", "python bench/bench_dense_step.py", dense_step),
+    ("topk_peers_fused_adam", "5a. TopK SAE vs sparsify and SAELens, every contender with fused Adam",
+     "/work/benchenv/bin/python bench/bench_topk_peers.py --adam fused", topk_peers),
+    ("topk_peers_plain_adam", "5b. TopK SAE vs sparsify and SAELens, every contender with torch.optim.Adam defaults",
+     "/work/benchenv/bin/python bench/bench_topk_peers.py --adam plain", topk_peers),
+    ("scaling", "6. Scaling: dense vs sparse TopK over d_sae and k", "python bench/bench_scaling.py", scaling),
+]
+
+
+def generate(results: Path = RESULTS) -> str:
+    lines = [BEGIN, ""]
+    for stem, title, command, fmt in SECTIONS:
+        path = results / f"{stem}.json"
+        lines += [f"### {title}", "", f"`{command}` → `bench/results/{stem}.json`", ""]
+        if not path.is_file():
+            lines += ["*Not measured yet.*", ""]
+            continue
+        r = json.loads(path.read_text())
+        lines += [machine_line(r), "", *fmt(r), ""]
+    return "\n".join(lines + [END])
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
+    p.add_argument("--doc", type=Path, default=DOC, help="the Markdown file to update")
+    args = p.parse_args()
+    doc = args.doc
+    text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + generate(args.results) + tail)
+    print(f"wrote {doc}")
+
+
+if __name__ == "__main__":
+    main()
