@@ -13,23 +13,34 @@ from torch import Tensor
 
 from .models.sparse_topk import SparseCode
 
-__all__ = ["fvu", "l0", "mmcs", "rho_hat_summary"]
+__all__ = ["fvu", "total_variance", "l0", "mmcs", "rho_hat_summary"]
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained, ``Σ‖x − x̂‖² / Σ‖x − x̄‖²``; x, x̂: ``(batch, d_in)``."""
+def total_variance(x: Tensor) -> Tensor:
+    """``Σ‖x − x̄‖²`` in float64, the denominator of the FVU; x: ``(batch, d_in)``."""
+    x = x.double()
+    return (x - x.mean(0)).square().sum()
+
+
+def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:
+    """Fraction of variance unexplained, ``Σ‖x − x̂‖² / Σ‖x − x̄‖²``, in float64; x, x̂: ``(batch, d_in)``.
+
+    ``total``: :func:`total_variance` of ``x`` if already known (the trainer logs the same full
+    batch every L-BFGS iteration)."""
     if x.shape != x_hat.shape:
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-    x, x_hat = x.double(), x_hat.double()
-    total = (x - x.mean(0)).square().sum()
-    return (x - x_hat).square().sum() / total.clamp_min(torch.finfo(torch.float64).tiny)
+    if total is None:
+        total = total_variance(x)
+    diff = x_hat.double().sub_(x).reshape(-1)
+    return torch.dot(diff, diff) / total.clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def l0(code: Tensor | SparseCode) -> Tensor:
     """Mean number of non-zero units per sample; code: ``(batch, d_hidden)`` or a SparseCode."""
     if isinstance(code, SparseCode):
         code = code.values  # its indices are distinct within a row: count the non-zero values
-    return (code != 0).sum(-1).double().mean()
+    samples = code.numel() // code.shape[-1] if code.shape[-1] else 0
+    return torch.count_nonzero(code).double() / samples  # one pass, no (batch, d_hidden) bool
 
 
 def mmcs(true_features: Tensor, learned: Tensor) -> Tensor:

@@ -153,33 +153,6 @@ class TrainResult:
     run_dir: Path | None = None
 
 
-class _LoggedFVU:
-    """:func:`actsparse.metrics.fvu` for the training log, in float64, in fewer passes.
-
-    Full-batch L-BFGS logs the same ``x`` every iteration, so ``x`` in float64 and the denominator
-    Σ‖x − x̄‖² are kept while ``x`` is the same, unmodified tensor; the numerator Σ‖x − x̂‖² is then
-    one conversion, one subtraction and one float64 dot product. Same value as ``M.fvu`` up to the
-    order of the float64 summation (~1e-13 relative); measured 3x cheaper per logged step on the
-    10,000×64 classic exercise (0.6 ms instead of 1.7 ms, one thread).
-    """
-
-    def __init__(self) -> None:
-        self._x: Tensor | None = None
-        self._version = -1
-        self._x64 = self._total = torch.empty(0)
-
-    def __call__(self, x: Tensor, x_hat: Tensor) -> float:
-        """FVU of ``x_hat`` against ``x``, both ``(batch, d_in)``."""
-        if not isinstance(x_hat, Tensor) or x.shape != x_hat.shape:
-            return float(M.fvu(x, x_hat))  # other types, and its error message
-        if self._x is not x or self._version != x._version:
-            self._x64 = x.double()
-            self._total = (self._x64 - self._x64.mean(0)).square().sum().clamp_min(torch.finfo(torch.float64).tiny)
-            self._x, self._version = x, x._version
-        diff = x_hat.double().sub_(self._x64).view(-1)
-        return float(torch.dot(diff, diff) / self._total)
-
-
 def _check_finite(step: int, out) -> None:
     if not math.isfinite(float(out.loss.detach())):
         terms = {k: float(getattr(out, k).detach()) for k in ("reconstruction_loss", "sparsity_loss",
@@ -235,18 +208,17 @@ def train(
         log_file = open(log_path, "a")  # noqa: SIM115
     start = time.perf_counter()
 
-    fvu = _LoggedFVU()
+    # full-batch L-BFGS logs the same x every iteration: its FVU denominator once, not per step
+    full_batch_total = M.total_variance(x_train) if cfg.optimizer == "lbfgs" else None
 
     def record(step: int, out, xb: Tensor) -> None:
         code = out.code.detach()
         dead = getattr(model, "dead_mask", None)
-        # one pass over the code: the number of non-zero entries / samples is M.l0's value exactly
-        l0 = int(torch.count_nonzero(code)) / code.shape[0] if isinstance(code, Tensor) else float(M.l0(code))
         rec = {"step": step, "loss": float(out.loss.detach()),
                "reconstruction": float(out.reconstruction_loss.detach()),
                "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
-               "fvu": fvu(xb, out.reconstruction.detach()),
-               "l0": l0, "mean_activation": float(code.mean()),
+               "fvu": float(M.fvu(xb, out.reconstruction.detach(), total=full_batch_total if xb is x_train else None)),
+               "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}
         history.append(rec)
@@ -311,154 +283,14 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     return results
 
 
-class _LBFGS(torch.optim.LBFGS):
-    """``torch.optim.LBFGS`` (strong-Wolfe line search) whose search direction −H∇f is computed in
-    compact form: a handful of matrix-vector products instead of the two-loop recursion's
-    4·history Python-level tensor operations (with history 100: ~400 dispatches, ~1.5–2 ms per
-    iteration on the classic exercise, a third of an evaluation; now ~0.4 ms).
-
-    The two loops (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Alg. 7.4) are two
-    triangular recurrences in the scalars α_i and β_i. With S = [s_i] and Y = [y_i] the stored
-    pairs (oldest first, rows), A = S Yᵀ (A_ij = s_iᵀ y_j, A_ii = 1/ρ_i) and γ = ``H_diag``:
-
-        loop 1:  triu(A) α = −S g,              q = −g − Yᵀ α
-        loop 2:  triu(A)ᵀ c = α ⊙ diag(A) − Y γq,  d = γq + Sᵀ c      (c_i = α_i − β_i)
-
-    the same direction as the two loops in exact arithmetic (the compact representation of
-    Byrd, Nocedal & Schnabel 1994 says as much); only the rounding differs. A is kept in the
-    optimiser's state (``"sy"``), updated by one row and one column per new pair, so a resumed
-    run continues with the very same numbers; checkpoints of ``torch.optim.LBFGS`` (no ``"sy"``)
-    load too. Everything else — the pairs' acceptance test, γ, the initial step, the strong-Wolfe
-    search, the state's keys — is torch's.
-    """
-
-    @torch.no_grad()
-    def step(self, closure):  # type: ignore[override]
-        from torch.optim.lbfgs import _strong_wolfe
-
-        closure = torch.enable_grad()(closure)
-        group = self.param_groups[0]
-        if group["line_search_fn"] != "strong_wolfe":
-            raise ValueError("actsparse's L-BFGS runs with line_search_fn='strong_wolfe'")
-        lr, max_iter, max_eval = float(group["lr"]), group["max_iter"], group["max_eval"]
-        tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
-        history_size = group["history_size"]
-        state = self.state[self._params[0]]
-        state.setdefault("func_evals", 0)
-        state.setdefault("n_iter", 0)
-
-        orig_loss = closure()
-        loss = float(orig_loss)
-        current_evals = 1
-        state["func_evals"] += 1
-        flat_grad = self._gather_flat_grad()
-        if flat_grad.abs().max() <= tolerance_grad:
-            return orig_loss
-        d, t = state.get("d"), state.get("t")
-        old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
-        h_diag, sy = state.get("H_diag"), state.get("sy")
-        prev_flat_grad, prev_loss = state.get("prev_flat_grad"), state.get("prev_loss")
-
-        n_iter = 0
-        while n_iter < max_iter:
-            n_iter += 1
-            state["n_iter"] += 1
-            if state["n_iter"] == 1:
-                d = flat_grad.neg()
-                old_dirs, old_stps, ro, h_diag = [], [], [], 1
-                sy = flat_grad.new_zeros(0, 0)
-            else:
-                if sy is None or sy.shape[0] != len(old_stps):  # a torch.optim.LBFGS checkpoint
-                    sy = (torch.stack(old_stps) @ torch.stack(old_dirs).T if old_stps
-                          else flat_grad.new_zeros(0, 0))
-                y = flat_grad.sub(prev_flat_grad)
-                s = d.mul(t)
-                ys = y.dot(s)
-                accepted = bool(ys > 1e-10)  # torch's curvature test: keep the pair only if sᵀy > 0
-                if accepted:
-                    if len(old_dirs) == history_size:
-                        old_dirs.pop(0)
-                        old_stps.pop(0)
-                        ro.pop(0)
-                        sy = sy[1:, 1:]
-                    old_dirs.append(y)
-                    old_stps.append(s)
-                    ro.append(1.0 / ys)
-                    h_diag = ys / y.dot(y)
-                s_mat, y_mat = self._stacked(old_stps, 0), self._stacked(old_dirs, 1)  # (m, n), oldest first
-                if accepted:  # A = S Yᵀ grows by the new pair's row s_newᵀ Y and column S y_new
-                    m = s_mat.shape[0]
-                    grown = sy.new_empty(m, m)
-                    grown[:-1, :-1] = sy
-                    grown[-1, :-1] = y_mat[:-1] @ s
-                    grown[:-1, -1] = s_mat[:-1] @ y
-                    grown[-1, -1] = ys
-                    sy = grown
-                d = self._direction(flat_grad, s_mat, y_mat, sy, h_diag)
-
-            if prev_flat_grad is None:
-                prev_flat_grad = flat_grad.clone(memory_format=torch.contiguous_format)
-            else:
-                prev_flat_grad.copy_(flat_grad)
-            prev_loss = loss
-            t = min(1.0, 1.0 / flat_grad.abs().sum()) * lr if state["n_iter"] == 1 else lr
-            gtd = flat_grad.dot(d)
-            if gtd > -tolerance_change:
-                break
-            x_init = self._clone_param()
-
-            def obj_func(x, t, d):
-                return self._directional_evaluate(closure, x, t, d)
-
-            loss, flat_grad, t, ls_func_evals = _strong_wolfe(obj_func, x_init, t, d, loss, flat_grad, gtd,
-                                                              max_ls=max_eval - current_evals)
-            self._add_grad(t, d)
-            opt_cond = flat_grad.abs().max() <= tolerance_grad
-            current_evals += ls_func_evals
-            state["func_evals"] += ls_func_evals
-            if n_iter == max_iter or current_evals >= max_eval or opt_cond:
-                break
-            if d.mul(t).abs().max() <= tolerance_change or abs(loss - prev_loss) < tolerance_change:
-                break
-
-        state.update(d=d, t=t, old_dirs=old_dirs, old_stps=old_stps, ro=ro, H_diag=h_diag, sy=sy,
-                     prev_flat_grad=prev_flat_grad, prev_loss=prev_loss)
-        return orig_loss
-
-    def _stacked(self, rows: list[Tensor], which: int) -> Tensor:
-        """``torch.stack(rows)`` ``(m, n)`` into a buffer kept across steps: a fresh 1–3 MB
-        allocation per iteration was measured up to 3 ms (page faults), the copy takes ~0.05 ms."""
-        bufs = self.__dict__.setdefault("_stack_buffers", [None, None])
-        buf, ref = bufs[which], rows[0]
-        if buf is None or buf.shape[0] < len(rows) or buf.shape[1] != ref.numel() or buf.dtype != ref.dtype \
-                or buf.device != ref.device:
-            size = max(len(rows), self.param_groups[0]["history_size"])
-            buf = bufs[which] = ref.new_empty(size, ref.numel())
-        return torch.stack(rows, out=buf[:len(rows)])
-
-    @staticmethod
-    def _direction(g: Tensor, s_mat: Tensor, y_mat: Tensor, sy: Tensor, h_diag: Tensor | float) -> Tensor:
-        """−H g for the gradient ``g`` ``(n,)``, the pairs S, Y ``(m, n)`` (rows, oldest first),
-        A = S Yᵀ ``(m, m)`` and γ = ``h_diag``."""
-        # the m×m recurrences in float64: cheap, and no worse than the loops' own rounding
-        u = torch.triu(sy.double())
-        q = g.neg()
-        alpha = torch.linalg.solve_triangular(u, (s_mat @ q).double().unsqueeze(1), upper=True)  # loop 1
-        q.sub_(y_mat.T @ alpha.squeeze(1).to(g.dtype))
-        r = q.mul(h_diag)
-        rhs = alpha * u.diagonal().unsqueeze(1) - (y_mat @ r).double().unsqueeze(1)
-        c = torch.linalg.solve_triangular(u.T, rhs, upper=False)  # loop 2
-        return r.add_(s_mat.T @ c.squeeze(1).to(g.dtype))
-
-
 def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume) -> None:
     # One L-BFGS iteration per .step() (max_iter=1): the history persists in the optimiser's
     # state across steps, so this is the usual L-BFGS run, observed after every iteration.
     # max_eval bounds the line search's evaluations per iteration (its default, 5/4·max_iter, would
     # be 1 here); zero tolerances so that the requested number of iterations is run.
     # history_size=100 is minFunc's default number of corrections (the CS294A exercise's optimiser).
-    opt = _LBFGS(model.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=100,
-                 line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=100,
+                            line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
     first = 1
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])

@@ -130,7 +130,7 @@ def check_same_cost(cfg: TrainConfig, x: torch.Tensor, theta: np.ndarray) -> dic
     g_t = np.concatenate([g.reshape(-1).numpy() for g in (model.W_enc.grad, model.b_enc.grad, g_dec,
                                                           model.b_dec.grad)])
     j_np, g_np = sae_cost(theta, x.double().numpy(), h, cfg.weight_decay, cfg.weight, cfg.target)
-    rel_j = abs(j_np - float(loss)) / abs(j_np)
+    rel_j = abs(j_np - float(loss.detach())) / abs(j_np)
     rel_g = float(np.linalg.norm(g_np - g_t) / np.linalg.norm(g_np))
     if rel_j > 1e-10 or rel_g > 1e-8:
         raise AssertionError(f"NumPy and actsparse costs differ: cost {rel_j:.2e}, gradient {rel_g:.2e}")

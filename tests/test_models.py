@@ -555,3 +555,16 @@ def test_gradcheck_relu_l1_model_away_from_kinks():
     assert m.encode_pre(x).abs().min() > 1e-3  # no pre-activation at ReLU's (or L1's) kink
     f, params = _as_function(m)
     assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_fvu_with_a_known_total_and_l0_by_counting():
+    from actsparse.metrics import fvu, l0, total_variance
+
+    g = torch.Generator().manual_seed(3)
+    x, x_hat = torch.rand(40, 6, generator=g), torch.rand(40, 6, generator=g)
+    X, Xh = x.double().numpy(), x_hat.double().numpy()
+    ref = ((X - Xh) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    assert float(fvu(x, x_hat)) == pytest.approx(ref, rel=1e-12)
+    assert float(fvu(x, x_hat, total=total_variance(x))) == pytest.approx(ref, rel=1e-12)
+    code = torch.relu(torch.randn(7, 3, 5, generator=g))
+    assert float(l0(code)) == pytest.approx((code.numpy() != 0).sum(-1).mean())
