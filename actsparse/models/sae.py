@@ -299,9 +299,10 @@ class SparseAutoencoder(nn.Module):
         if isinstance(h, SparseCode):
             fired = h.fired()
         else:
-            # h != 0, not h > 0: k-sparse units are linear and may fire negative. Two plain reductions
-            # instead of (h != 0).any(0), which builds a bool (batch, d_hidden) and is 10x slower.
-            fired = (h.amax(dim=0) > 0) | (h.amin(dim=0) < 0)
+            # h != 0, not h > 0: k-sparse units are linear and may fire negative. Σ|h| over the batch is
+            # the fastest column test for every shape measured ((h != 0).any(0) is 5-10x slower, and
+            # amax/amin slow on tall (10000, 25) codes)
+            fired = h.abs().sum(dim=0) > 0
         self.samples_since_fired += h.shape[0]
         self.samples_since_fired.masked_fill_(fired, 0)
 
