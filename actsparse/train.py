@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .config import TrainConfig
+from .lbfgs import LBFGS
 from .models import SparseAutoencoder, StackedAutoencoder
 from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
@@ -284,56 +285,23 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
 
 
 def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume) -> None:
-    # One L-BFGS iteration per .step() (max_iter=1): the history persists in the optimiser's
-    # state across steps, so this is the usual L-BFGS run, observed after every iteration.
-    # max_eval bounds the line search's evaluations per iteration (its default, 5/4·max_iter, would
-    # be 1 here); zero tolerances so that the requested number of iterations is run.
-    # history_size=100 is minFunc's default number of corrections (the CS294A exercise's optimiser).
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=100,
-                            line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+    # actsparse.lbfgs: one iteration per step (logged after each), one evaluation per iteration,
+    # 100 stored pairs (minFunc's default, the CS294A exercise's optimiser), strong-Wolfe steps.
+    opt = LBFGS(model.parameters(), history=100, max_evals=25)
     first = 1
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         first = resume["step"] + 1
-    params = [p for group in opt.param_groups for p in group["params"]]
-    # Every evaluation of the current iteration: (parameters, gradients, output). torch's LBFGS
-    # starts each step() by evaluating f and ∇f at the point the previous step's line search
-    # accepted, a point that line search has already evaluated: the step lands on x + t·d computed
-    # by the same operations as the trial evaluation, so the parameters are bitwise equal and the
-    # stored values are exactly what a second evaluation would return. Reusing them halves the
-    # evaluations (2 → ~1 per iteration) without changing a single bit of the run.
-    evaluations: list[tuple[list[Tensor], list[Tensor | None], Any]] = []
-
-    def lookup():
-        for snapshot, grads, out in reversed(evaluations):
-            if all(torch.equal(p, s) for p, s in zip(params, snapshot)):
-                return grads, out
-        return None
 
     def closure():
-        hit = lookup()
-        if hit is not None:
-            for p, g in zip(params, hit[0]):
-                p.grad = g  # LBFGS only reads .grad; zero_grad below drops it, never writes into it
-            return hit[1].loss
-        opt.zero_grad(set_to_none=True)
         out = model(x)
         out.loss.backward()
-        evaluations.append(([p.detach().clone() for p in params], [p.grad for p in params], out))
-        return out.loss
+        return out.loss, out
 
     for it in range(first, cfg.iterations + 1):
         opt.step(closure)
-        # the output at the accepted point (the last evaluation need not be it, after a zoom)
-        hit = lookup()
-        if hit is None:  # cannot happen with torch's strong-Wolfe search; evaluate to be safe
-            evaluations.clear()
-            closure()
-            hit = lookup()
-        out = hit[1]
-        evaluations[:] = [e for e in evaluations if e[2] is out]  # keep only the accepted point
-        _check_finite(it, out)
-        record(it, out, x)
+        _check_finite(it, opt.aux)  # the output at the accepted point
+        record(it, opt.aux, x)
         checkpoint(it, opt, {}, it == cfg.iterations)
 
 
