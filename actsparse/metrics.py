@@ -31,7 +31,7 @@ def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if total is None:
         total = total_variance(x)
-    diff = x_hat.double().sub_(x).reshape(-1)
+    diff = x_hat.to(torch.float64, copy=True).sub_(x).reshape(-1)  # a copy: never write into the caller's x̂
     return torch.dot(diff, diff) / total.clamp_min(torch.finfo(torch.float64).tiny)
 
 

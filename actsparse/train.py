@@ -23,6 +23,7 @@ from . import metrics as M
 from .config import TrainConfig
 from .lbfgs import LBFGS
 from .models import SparseAutoencoder, StackedAutoencoder
+from .models.sae import squared_error
 from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
 
@@ -209,8 +210,17 @@ def train(
         log_file = open(log_path, "a")  # noqa: SIM115
     start = time.perf_counter()
 
-    # full-batch L-BFGS logs the same x every iteration: its FVU denominator once, not per step
+    # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
+    # the data), over Σ‖x − x̄‖², computed once for full-batch L-BFGS (the same x every iteration)
     full_batch_total = M.total_variance(x_train) if cfg.optimizer == "lbfgs" else None
+    recon_kind = getattr(model, "recon_loss", None)
+
+    def logged_fvu(out, xb: Tensor) -> float:
+        if recon_kind is None:  # a model of the caller's with another loss: the direct formula
+            return float(M.fvu(xb, out.reconstruction.detach()))
+        total = full_batch_total if xb is x_train else M.total_variance(xb)
+        sse = squared_error(float(out.reconstruction_loss.detach()), recon_kind, tuple(xb.shape))
+        return sse / max(float(total), torch.finfo(torch.float64).tiny)
 
     def record(step: int, out, xb: Tensor) -> None:
         code = out.code.detach()
@@ -218,7 +228,7 @@ def train(
         rec = {"step": step, "loss": float(out.loss.detach()),
                "reconstruction": float(out.reconstruction_loss.detach()),
                "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
-               "fvu": float(M.fvu(xb, out.reconstruction.detach(), total=full_batch_total if xb is x_train else None)),
+               "fvu": logged_fvu(out, xb),
                "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}

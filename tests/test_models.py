@@ -568,3 +568,25 @@ def test_fvu_with_a_known_total_and_l0_by_counting():
     assert float(fvu(x, x_hat, total=total_variance(x))) == pytest.approx(ref, rel=1e-12)
     code = torch.relu(torch.randn(7, 3, 5, generator=g))
     assert float(l0(code)) == pytest.approx((code.numpy() != 0).sum(-1).mean())
+
+
+def test_fvu_leaves_its_float64_inputs_alone():
+    from actsparse.metrics import fvu
+
+    x, x_hat = rand64(5, 3), rand64(5, 3)
+    before = x_hat.clone()
+    fvu(x, x_hat)
+    assert torch.equal(x_hat, before)
+
+
+def test_logged_fvu_equals_metrics_fvu():
+    """The training log's FVU comes from the reconstruction loss; it is the FVU of the model's output."""
+    from actsparse.config import TrainConfig
+    from actsparse.metrics import fvu
+    from actsparse.train import train
+
+    x = torch.rand(200, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    res = train(TrainConfig(hidden=5, iterations=3, validation=0.0), x)  # L-BFGS: the logged point is the last
+    with torch.no_grad():
+        ref = float(fvu(x, res.model(x).reconstruction))  # train() shuffles x; the FVU ignores row order
+    assert res.history[-1]["fvu"] == pytest.approx(ref, rel=1e-9)

@@ -18,7 +18,7 @@ from ..penalties import Penalty
 from .activations import BatchTopK, JumpReLU, KSparse, TopK, activation_key, get_activation
 from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 
-__all__ = ["ForwardOutput", "SparseAutoencoder"]
+__all__ = ["ForwardOutput", "SparseAutoencoder", "reconstruction_loss", "squared_error"]
 
 Decoder = Literal["linear", "sigmoid"]
 ReconLoss = Literal["half_sse", "mse"]
@@ -27,6 +27,20 @@ Decode = Literal["auto", "dense", "sparse"]
 #: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``: below this
 #: ratio the dense matmuls win (measured in bench/bench_scaling.py, docs/benchmarks.md).
 SPARSE_MIN_RATIO = 8
+
+
+def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: ReconLoss) -> Tensor:
+    """``half_sse``: ``(1/m) Σ ½‖x̂ − x‖²`` (CS294A, m = batch); ``mse``: the mean over elements.
+    x̂, x: ``(batch, d_in)``. One fused kernel forward and backward (``mse_loss``)."""
+    if kind == "half_sse":
+        return nn.functional.mse_loss(x_hat, x, reduction="sum") * (0.5 / x.shape[0])
+    return nn.functional.mse_loss(x_hat, x)
+
+
+def squared_error(loss: float, kind: ReconLoss, shape: tuple[int, ...]) -> float:
+    """``Σ‖x̂ − x‖²`` recovered from a :func:`reconstruction_loss` value for inputs of ``shape``
+    (the training log's FVU then costs no pass over the data)."""
+    return loss * 2 * shape[0] if kind == "half_sse" else loss * math.prod(shape)
 
 
 class ForwardOutput(NamedTuple):
@@ -254,12 +268,6 @@ class SparseAutoencoder(nn.Module):
             out = nn.functional.linear(h, self.decoder_weight, self.b_dec)
         return torch.sigmoid(out) if self.decoder_kind == "sigmoid" else out
 
-    def _recon(self, x_hat: Tensor, x: Tensor) -> Tensor:
-        # mse_loss is one kernel forward and one backward (the spelled-out (x̂ − x)² takes five)
-        if self.recon_loss == "half_sse":
-            return nn.functional.mse_loss(x_hat, x, reduction="sum") * (0.5 / x.shape[0])
-        return nn.functional.mse_loss(x_hat, x)
-
     def forward(self, x: Tensor) -> ForwardOutput:
         """Encode, decode and compute every loss term. ``x``: ``(batch, d_in)``."""
         if not isinstance(x, Tensor):
@@ -277,7 +285,7 @@ class SparseAutoencoder(nn.Module):
             h = self.activation(pre)
         x_hat = self.decode(h)
         zero = x_hat.new_zeros(())
-        recon = self._recon(x_hat, x)
+        recon = reconstruction_loss(x_hat, x, self.recon_loss)
         sparsity = self.penalty(h) if self.penalty is not None else zero
         decay = zero
         if self.weight_decay:

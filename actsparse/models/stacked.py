@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..penalties import Penalty
-from .sae import ForwardOutput
+from .sae import ForwardOutput, reconstruction_loss
 
 __all__ = ["StackedAutoencoder"]
 
@@ -92,8 +92,7 @@ class StackedAutoencoder(nn.Module):
             raise ValueError(f"expected input of shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
         code, penalty = self._encode(x)
         x_hat = self.decode(code)
-        sq = (x_hat - x).square()
-        recon = 0.5 * sq.sum() / x.shape[0] if self.recon_loss == "half_sse" else sq.mean()
+        recon = reconstruction_loss(x_hat, x, self.recon_loss)
         decay = x_hat.new_zeros(())
         if self.weight_decay:
             decay = 0.5 * self.weight_decay * sum(m.weight.square().sum() for m in [*self.encoder, *self.decoder])
