@@ -14,7 +14,10 @@ Reported: the time ratio actsparse / SciPy (median over interleaved rounds, min.
 final cost of each (both evaluated by the NumPy cost in float64 on the same data) and their
 relative difference, and the iterations and function evaluations of each.
 
-Run: ``.venv/bin/python bench/bench_classic_scipy.py [--threads 1] [--rounds 5]``;
+Threads: by default each side runs at its fastest setting on this machine (torch: every core;
+NumPy's BLAS: one thread); ``--threads 1 --numpy-threads 1`` is the one-thread-each comparison.
+
+Run: ``.venv/bin/python bench/bench_classic_scipy.py [--threads N] [--numpy-threads N] [--rounds 5]``;
 ``--smoke`` (500 patches, 10 iterations) finishes in seconds.
 """
 
@@ -145,18 +148,17 @@ def main() -> None:
                       samples=dict(type=int, default=None, help="patches (default 10,000; smoke 500)"),
                       iterations=dict(type=int, default=None, help="L-BFGS iterations (default 400; smoke 10)"),
                       maxcor=dict(type=int, default=100, help="SciPy's maxcor (actsparse's history_size is 100)"),
-                      numpy_threads=dict(type=int, default=None, help="NumPy's BLAS threads (default: --threads)"))
+                      numpy_threads=dict(type=int, default=None,
+                                         help="NumPy's BLAS threads (default 1, its fastest here)"))
     samples = args.samples or (500 if args.smoke else 10_000)
     iterations = args.iterations or (10 if args.smoke else 400)
-    # One thread each by default: on this shared 2-core machine NumPy's 2-thread OpenBLAS makes
-    # these skinny products up to 7x slower (x @ W1ᵀ: 7.8 ms instead of 1.2 ms; a whole SciPy
-    # run took 57-104 s instead of ~9 s), and torch's own pool gains little (GUIDE §6: ratios).
-    if not args.threads:
-        args.threads = 1
-        torch.set_num_threads(1)
-    from threadpoolctl import threadpool_limits  # NumPy's BLAS: the same number of threads as torch
+    # Each side at its fastest setting on this 2-core machine by default: torch with every core
+    # (1.7 s vs 2.7 s with one thread), NumPy with one BLAS thread (its 2-thread OpenBLAS is 2.4x
+    # slower on these skinny products: a SciPy run took 16.5 s instead of 6.9 s, measured on a
+    # quiet machine). --threads 1 --numpy-threads 1 gives the one-thread-each comparison.
+    from threadpoolctl import threadpool_limits
 
-    numpy_threads = args.numpy_threads or args.threads
+    numpy_threads = args.numpy_threads or 1
     threadpool_limits(numpy_threads)
     cfg = TrainConfig(samples=samples, iterations=iterations, plots=False, progress=False, validation=0.0)
     x = load_data(cfg).x                          # what `actsparse train` trains on: float32 (n, 64)
