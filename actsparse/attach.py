@@ -293,7 +293,7 @@ class Attachment:
             if penalty.training != module.training:
                 penalty.train(module.training)
             try:
-                value = penalty(a)
+                value = penalty.forward(a)  # not penalty(a): nothing hooks a penalty, skip Module.__call__
             except (ValueError, IndexError, TypeError) as err:
                 raise type(err)(f"penalty on {h.name!r} ({type(penalty).__name__}): {err}") from err
             h.value = value if h.value is None else h.value + value
@@ -324,13 +324,16 @@ class Attachment:
         Returns a zero tensor if nothing was captured (eval mode, ``no_grad``).
         """
         self._consumed = True
-        total: Tensor | None = None
-        for h in self._hooked:
-            if h.value is not None:
-                total = h.value if total is None else total + h.value
-        if total is None:
+        values = [h.value for h in self._hooked if h.value is not None]
+        if not values:
             return torch.zeros((), device=self._device())
-        if self._check and not bool(torch.isfinite(total.detach())):
+        if len(values) > 1 and len({(v.dtype, v.device) for v in values}) == 1:
+            total = torch.stack(values).sum()  # one node (a chain of additions is one per target)
+        else:
+            total = values[0]
+            for v in values[1:]:  # mixed dtypes or devices: add with type promotion
+                total = total + v
+        if self._check and not math.isfinite(float(total.detach())):
             bad = [k for k, v in self.penalties_by_target().items() if not bool(torch.isfinite(v.detach()))]
             raise ValueError(f"the penalty is not finite (NaN/Inf) for: {', '.join(bad)}; "
                              "the activations of these layers contain NaN or Inf")

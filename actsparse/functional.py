@@ -396,20 +396,30 @@ def check_finite_result(value: Tensor, a: Tensor) -> None:
 
 
 class _ScaledL1Norm(torch.autograd.Function):
-    """``Σ|a| / divisor`` reduced in ``dtype``, as one autograd node whose backward is
-    ``sgn(a)·(g/divisor)`` in one allocation. Autograd's own graph for the same expression has
+    """``scale · Σ|a|`` reduced in ``dtype``, as one autograd node whose backward is
+    ``sgn(a)·(g·scale)`` in one allocation. Autograd's own graph for the same expression has
     three nodes and two more passes over ``a``; this runs once per hooked layer and step."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, dtype: torch.dtype, divisor: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, dtype: torch.dtype, scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(a)
-        ctx.divisor = divisor
-        return torch.linalg.vector_norm(a, ord=1, dtype=dtype) / divisor
+        ctx.scale = scale
+        return torch.linalg.vector_norm(a, ord=1, dtype=dtype) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (a,) = ctx.saved_tensors
-        return torch.sgn(a).mul_(grad / ctx.divisor), None, None
+        return torch.sgn(a).mul_(grad * ctx.scale), None, None
+
+
+def scaled_l1(a: Tensor, weight: float = 1.0, *, reduction: ActivityReduction = "batchmean",
+              check: bool = True) -> Tensor:
+    """``weight · l1(a, reduction=...)`` as one autograd node (what :class:`actsparse.L1` computes)."""
+    _check_activations(a)
+    out = _ScaledL1Norm.apply(a, _compute_dtype(a.dtype), weight / _activity_divisor(a, reduction))
+    if check:
+        check_finite_result(out, a)
+    return out.to(a.dtype)
 
 
 def l1(
@@ -426,11 +436,7 @@ def l1(
     Returns:
         A scalar in ``a``'s dtype, reduced in float32 at least.
     """
-    _check_activations(a)
-    out = _ScaledL1Norm.apply(a, _compute_dtype(a.dtype), _activity_divisor(a, reduction))
-    if check:
-        check_finite_result(out, a)
-    return out.to(a.dtype)
+    return scaled_l1(a, 1.0, reduction=reduction, check=check)
 
 
 def l2(

@@ -312,6 +312,9 @@ class L1(Penalty):
     def value(self, a: Tensor) -> Tensor:
         return F.l1(a, check=self.check)
 
+    def forward(self, a: Tensor) -> Tensor:
+        return F.scaled_l1(a, self.weight, check=self.check)  # the weight folded into one node
+
 
 class L2(Penalty):
     """λ Σ a² / batch: the activity L2 penalty (squared norm; batch = ``a.shape[0]``)."""
