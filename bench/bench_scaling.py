@@ -1,7 +1,7 @@
 """Scaling of TopK SAE training: dense vs sparse decoding, over d_sae and over k.
 
-For each configuration (d_in 512, batch 512; d_sae from 1k to 32k at k = 32, and k from 8 to 256
-at d_sae = 8192) the two paths of :class:`actsparse.models.SparseAutoencoder` (``decode="dense"``
+For each configuration (d_in 512, batch 512; d_sae from 1k to 32k at k = 32, k from 8 to 256
+at d_sae = 8192, and k from 64 to 512 at d_sae = 1024, where the crossover lies) the two paths of :class:`actsparse.models.SparseAutoencoder` (``decode="dense"``
 and ``decode="sparse"``, same initial weights) are trained by :func:`actsparse.train.train_step`
 with fused Adam, interleaved in the same rounds: samples/s of each and the speed-up
 sparse / dense. Peak memory is measured in a fresh subprocess per configuration and path: the
@@ -77,6 +77,8 @@ def main() -> None:
         d_in, batch = 512, 512
         sweep_d, sweep_k, fixed_k, fixed_d = [1024, 2048, 4096, 8192, 16384, 32768], [8, 16, 32, 64, 128, 256], 32, 8192
     configs = [(d, fixed_k) for d in sweep_d] + [(fixed_d, k) for k in sweep_k if (fixed_d, k) != (fixed_d, fixed_k)]
+    if not args.smoke:  # where the crossover lies: k close to d_sae
+        configs += [(1024, k) for k in (64, 128, 256, 512)]
     x = torch.randn(batch, d_in)
     rows = []
     for d_sae, k in configs:
