@@ -159,7 +159,9 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     numpy_threads = args.numpy_threads or 1
-    threadpool_limits(numpy_threads)
+    torch_threads = torch.get_num_threads()
+    threadpool_limits(numpy_threads, user_api="blas")
+    torch.set_num_threads(torch_threads)  # a limit on the BLAS pools must not reach torch's own pool
     cfg = TrainConfig(samples=samples, iterations=iterations, plots=False, progress=False, validation=0.0)
     x = load_data(cfg).x                          # what `actsparse train` trains on: float32 (n, 64)
     x64 = np.ascontiguousarray(x.double().numpy())

@@ -1,12 +1,13 @@
 """Scaling of TopK SAE training: dense vs sparse decoding, over d_sae and over k.
 
 For each configuration (d_in 512, batch 512; d_sae from 1k to 32k at k = 32, k from 8 to 256
-at d_sae = 8192, and k from 64 to 512 at d_sae = 1024, where the crossover lies) the two paths of :class:`actsparse.models.SparseAutoencoder` (``decode="dense"``
-and ``decode="sparse"``, same initial weights) are trained by :func:`actsparse.train.train_step`
-with fused Adam, interleaved in the same rounds: samples/s of each and the speed-up
-sparse / dense. Peak memory is measured in a fresh subprocess per configuration and path: the
-peak resident set (VmHWM) over three steps minus the resident set before the model was built,
-i.e. parameters, gradients, Adam state and the step's temporaries.
+at d_sae = 8192, and k from 64 to 512 at d_sae = 1024, where the crossover lies) the two paths
+of :class:`actsparse.models.SparseAutoencoder` (``decode="dense"`` and ``decode="sparse"``, same
+initial weights) are trained by :func:`actsparse.train.train_step` with fused Adam, interleaved
+in the same rounds: samples/s of each and the speed-up sparse / dense. Peak memory is measured
+in a fresh subprocess per configuration and path: the peak resident set (VmHWM) over three
+steps minus the resident set before the model was built, i.e. parameters, gradients, Adam
+state and the step's temporaries.
 
 The crossover (the smallest d_sae / k at which sparse is faster) is what ``decode="auto"``
 uses (``actsparse.models.sae.SPARSE_MIN_RATIO``).

@@ -110,17 +110,22 @@ def scaling(r: dict[str, Any]) -> list[str]:
         out.append(f"| {row['d_sae']} | {row['k']} | {row['ratio_d_sae_over_k']:.0f} | "
                    f"{row['samples_per_s']['dense']:.0f} | {row['samples_per_s']['sparse']:.0f} | "
                    f"{spread(row['speedup_sparse_over_dense'])} | {fmt(mem['dense'])} | {fmt(mem['sparse'])} |")
+    from actsparse.models.sae import SPARSE_MIN_RATIO  # the library's rule today, set from this table
+
     c = r["crossover"]
-    return out + ["", f"Sparse is faster from d_sae/k = {c['sparse_faster_from_ratio']}; dense is faster up to "
-                      f"d_sae/k = {c['dense_faster_up_to_ratio']}. `decode=\"auto\"` takes the sparse path from "
-                      f"d_sae/k ≥ {c['auto_rule_SPARSE_MIN_RATIO']}."]
+    return out + ["", f"Sparse is faster from d_sae/k = {c['sparse_faster_from_ratio']:g}; dense is faster up to "
+                      f"d_sae/k = {c['dense_faster_up_to_ratio']:g}. `decode=\"auto\"` takes the sparse path "
+                      f"from d_sae/k ≥ {SPARSE_MIN_RATIO}."]
 
 
 SECTIONS = [  # (result file stem, title, command, formatter)
     ("attach_overhead", "1. attach() overhead vs the same math inline", "python bench/bench_attach_overhead.py",
      attach_overhead),
-    ("tutorial_pattern", "2. vs the tutorial pattern (re-running the layers, seed 003)",
+    ("tutorial_pattern", "2a. vs the tutorial pattern (re-running the layers, seed 003)",
      "python bench/bench_tutorial_pattern.py", tutorial_pattern),
+    ("tutorial_pattern_one_thread", "2b. vs the tutorial pattern, one thread",
+     "python bench/bench_tutorial_pattern.py --threads 1 --out bench/results/tutorial_pattern_one_thread.json",
+     tutorial_pattern),
     ("classic_scipy", "3a. The classic exercise vs SciPy L-BFGS-B, each at its fastest thread setting",
      "python bench/bench_classic_scipy.py", classic_scipy),
     ("classic_scipy_one_thread", "3b. The classic exercise vs SciPy L-BFGS-B, one thread each",

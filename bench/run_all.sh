@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PEERS_PY=${PEERS_PYTHON:-/work/benchenv/bin/python}
-$PY bench/bench_attach_overhead.py > /dev/null
+$PY bench/bench_attach_overhead.py --rounds 15 > /dev/null
 $PY bench/bench_tutorial_pattern.py > /dev/null
+$PY bench/bench_tutorial_pattern.py --threads 1 --out bench/results/tutorial_pattern_one_thread.json > /dev/null
 $PY bench/bench_classic_scipy.py > /dev/null
 $PY bench/bench_classic_scipy.py --threads 1 --numpy-threads 1 --out bench/results/classic_scipy_one_thread.json > /dev/null
-$PY bench/bench_dense_step.py > /dev/null
+$PY bench/bench_dense_step.py --rounds 15 > /dev/null
 if [ -x "$PEERS_PY" ]; then
   $PEERS_PY bench/bench_topk_peers.py --adam fused > /dev/null
   $PEERS_PY bench/bench_topk_peers.py --adam plain > /dev/null

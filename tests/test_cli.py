@@ -99,6 +99,7 @@ def _one_clean_line(r: subprocess.CompletedProcess, needle: str) -> None:
     (["train", "--hidden", "0"], "positive integer"),
     (["train", "--config", "/nonexistent.toml"], "config file not found"),
     (["trian"], "did you mean 'train'"),
+    (["train", "--decode", "sparse"], "--decode sparse needs --activation topk"),
 ])
 def test_bad_input_one_line_nonzero_exit(args, needle):
     _one_clean_line(run_cli(*args), needle)

@@ -24,9 +24,11 @@ Decoder = Literal["linear", "sigmoid"]
 ReconLoss = Literal["half_sse", "mse"]
 Decode = Literal["auto", "dense", "sparse"]
 
-#: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``: below this
-#: ratio the dense matmuls win (measured in bench/bench_scaling.py, docs/benchmarks.md).
-SPARSE_MIN_RATIO = 8
+#: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``. Measured
+#: (bench/bench_scaling.py, docs/benchmarks.md; d_in 512, batch 512, 2 cores): the paths tie at
+#: d_sae/k = 8 (sparse/dense 0.92-1.04 over runs), sparse is 1.3-1.4x faster at 16 and 1.4-3.7x
+#: beyond; dense wins below 8 (0.37x at 2).
+SPARSE_MIN_RATIO = 16
 
 
 def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: ReconLoss) -> Tensor:
@@ -99,7 +101,7 @@ class SparseAutoencoder(nn.Module):
             sample (:mod:`~actsparse.models.sparse_topk`: same values and gradients, much less
             work when k ≪ d_hidden); ``dense`` builds the ``(batch, d_hidden)`` code; ``auto``
             (default) takes the sparse path for ``topk`` without a penalty when
-            ``d_hidden >= SPARSE_MIN_RATIO · k``.
+            ``d_hidden >= SPARSE_MIN_RATIO · k`` (16).
         device, dtype: factory arguments.
 
     Parameters: ``W_enc`` ``(d_hidden, d_in)``, ``b_enc`` ``(d_hidden,)``, ``W_dec``
