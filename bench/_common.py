@@ -43,6 +43,13 @@ def parse_args(description: str, **extra: Any) -> argparse.Namespace:
     return args
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """The usual three lines of a training step after the loss: zero, backward, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def time_block(fn: Callable[[], object], repeat: int) -> float:
     """Seconds per call of ``fn``, over ``repeat`` back-to-back calls."""
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ penalty values (equal to float32 rounding).
 from __future__ import annotations
 
 import torch
-from _common import interleaved, parse_args, ratio, summary, write_result
+from _common import interleaved, optimizer_step, parse_args, ratio, summary, write_result
 from torch import nn
 
 import actsparse
@@ -54,9 +54,7 @@ def main() -> None:
         h2 = inline_model[3](inline_model[2](h1))
         pen = inline_penalty(h1, h2)
         loss = nn.functional.cross_entropy(inline_model[4](h2), y) + pen
-        inline_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        inline_opt.step()
+        optimizer_step(inline_opt, loss)
         return pen
 
     def attached(lean: bool):
@@ -70,9 +68,7 @@ def main() -> None:
             out = model(x)
             pen = reg.penalty()
             loss = nn.functional.cross_entropy(out, y) + pen
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, loss)
             return pen
 
         return step

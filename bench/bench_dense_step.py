@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from _common import interleaved, matmul_flops, parse_args, ratio, summary, write_result
+from _common import interleaved, matmul_flops, optimizer_step, parse_args, ratio, summary, write_result
 from torch import nn
 
 import actsparse
@@ -42,9 +42,7 @@ def main() -> None:
     def plain_step() -> None:
         h = torch.relu(enc(x))
         loss = nn.functional.mse_loss(dec(h), x) + lam * h.abs().sum() / batch
-        plain_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        plain_opt.step()
+        optimizer_step(plain_opt, loss)
 
     matmul = matmul_flops(probe)
     times = interleaved({"actsparse": lambda: train_step(model, opt, x), "plain_pytorch": plain_step,

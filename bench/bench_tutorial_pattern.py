@@ -19,7 +19,7 @@ size 32 and at 256.
 from __future__ import annotations
 
 import torch
-from _common import interleaved, parse_args, ratio, summary, write_result
+from _common import interleaved, optimizer_step, parse_args, ratio, summary, write_result
 from torch import nn
 
 import actsparse
@@ -63,9 +63,7 @@ def main() -> None:
             out = model(x)
             pen = REG * tutorial_sparse_loss(model, x)
             loss = nn.functional.mse_loss(out, x) + pen
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, loss)
             return pen
 
         act_model = autoencoder(widths)
@@ -78,9 +76,7 @@ def main() -> None:
             out = model(x)
             pen = reg.penalty()
             loss = nn.functional.mse_loss(out, x) + pen
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, loss)
             return pen
 
         # same weights before the first step: the same penalty value
