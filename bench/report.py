@@ -113,9 +113,10 @@ def scaling(r: dict[str, Any]) -> list[str]:
     from actsparse.models.sae import SPARSE_MIN_RATIO  # the library's rule today, set from this table
 
     c = r["crossover"]
-    return out + ["", f"Sparse is faster from d_sae/k = {c['sparse_faster_from_ratio']:g}; dense is faster up to "
-                      f"d_sae/k = {c['dense_faster_up_to_ratio']:g}. `decode=\"auto\"` takes the sparse path "
-                      f"from d_sae/k ≥ {SPARSE_MIN_RATIO}."]
+    num = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731 (None: no configuration on that side)
+    return out + ["", f"Sparse is faster from d_sae/k = {num(c['sparse_faster_from_ratio'])}; dense is faster up "
+                      f"to d_sae/k = {num(c['dense_faster_up_to_ratio'])}. `decode=\"auto\"` takes the sparse "
+                      f"path from d_sae/k ≥ {SPARSE_MIN_RATIO}."]
 
 
 SECTIONS = [  # (result file stem, title, command, formatter)
