@@ -99,6 +99,9 @@ class TrainConfig:
     """Write PNG figures."""
     progress: bool = True
     """Show a progress bar."""
+    threads: int | None = None
+    """CPU threads for torch's operations (default: torch's own choice, every core). On a busy
+    machine 1 can be much faster for small models: idle threads spin-wait for busy cores."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
@@ -143,6 +146,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}")
         if self.decode not in ("auto", "dense", "sparse"):
             raise ConfigError(f"--decode must be auto, dense or sparse, got {self.decode!r}")
         if self.decode == "sparse" and (self.activation != "topk" or self.penalty is not None or self.model != "sae"):

@@ -65,6 +65,10 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
     from .data import load_data
 
     run_dir = prepare_run_dir(cfg)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     data = load_data(cfg)
     echo(f"data: {data.description} -> {tuple(data.x.shape)}")

@@ -100,6 +100,7 @@ def _one_clean_line(r: subprocess.CompletedProcess, needle: str) -> None:
     (["train", "--config", "/nonexistent.toml"], "config file not found"),
     (["trian"], "did you mean 'train'"),
     (["train", "--decode", "sparse"], "--decode sparse needs --activation topk"),
+    (["train", "--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_bad_input_one_line_nonzero_exit(args, needle):
     _one_clean_line(run_cli(*args), needle)
@@ -215,3 +216,13 @@ def test_stacked_model_with_greedy_pretraining(tmp_path):
     assert isinstance(model, StackedAutoencoder) and model.sizes == [20, 80, 40, 4]
     assert cfg.sizes == (80, 40, 4)
     _one_clean_line(run_cli("train", "--model", "stacked", "--out", str(tmp_path)), "needs --sizes")
+
+
+def test_threads_flag_sets_torchs_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", *FAST, "--out", str(tmp_path), "--no-plots", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert json.loads((tmp_path / "classic" / "config.json").read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
