@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .config import TrainConfig
 from .train import TrainResult, train
 
@@ -66,8 +68,6 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
 
     run_dir = prepare_run_dir(cfg)
     if cfg.threads is not None:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     data = load_data(cfg)

@@ -50,6 +50,15 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.step()
 
 
+def topk_sae(d_in: int, d_sae: int, k: int, decode: str = "auto", seed: int = 0):
+    """The TopK SAE every benchmark trains: linear decoder, unit-norm atoms, Gao et al.'s init, mse."""
+    from actsparse.models import SparseAutoencoder
+
+    torch.manual_seed(seed)
+    return SparseAutoencoder(d_in, d_sae, "topk", k=k, decoder="linear", unit_norm_decoder=True,
+                             init="orthogonal_tied", recon_loss="mse", decode=decode)
+
+
 def time_block(fn: Callable[[], object], repeat: int) -> float:
     """Seconds per call of ``fn``, over ``repeat`` back-to-back calls."""
     t0 = time.perf_counter()

@@ -23,17 +23,14 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import interleaved, parse_args, ratio, summary, write_result
+from _common import interleaved, parse_args, ratio, summary, topk_sae, write_result
 
-from actsparse.models import SparseAutoencoder
 from actsparse.models.sae import SPARSE_MIN_RATIO
 from actsparse.train import minibatch_optimizer, train_step
 
 
 def build(d_in: int, d_sae: int, k: int, decode: str):
-    torch.manual_seed(0)
-    model = SparseAutoencoder(d_in, d_sae, "topk", k=k, decoder="linear", unit_norm_decoder=True,
-                              init="orthogonal_tied", recon_loss="mse", decode=decode)
+    model = topk_sae(d_in, d_sae, k, decode)
     return model, minibatch_optimizer("adam", model.parameters(), 1e-4)
 
 

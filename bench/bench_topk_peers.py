@@ -9,8 +9,8 @@ backward, its own decoder-norm handling, a plain ``torch.optim.Adam`` step at th
 actsparse side: ``SparseAutoencoder(d_in, d_sae, "topk", k=k, decoder="linear",
 unit_norm_decoder=True, init="orthogonal_tied", recon_loss="mse")``, stepped as
 ``actsparse.train`` does (forward → ``out.loss.backward()`` → ``remove_parallel_gradient()`` →
-Adam → ``normalize_decoder()``). Where the constructor takes ``decode`` (the sparse TopK
-path), ``--decode`` picks it and the dense path is timed too, as ``actsparse_dense``.
+Adam → ``normalize_decoder()``). ``--decode`` picks its path (default ``auto``: the sparse
+TopK path here); the dense path is timed too, as ``actsparse_dense``.
 
 Timing: the steps are timed interleaved (rounds of a few steps each, the order reversed every
 round); each contender walks the same fixed sequence of batches. After the timing, every
@@ -30,7 +30,6 @@ live only in the benchmark's environment, see ``bench/requirements-peers.txt``);
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import sys
 import time
@@ -42,13 +41,12 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, matmul_flops, parse_args, ratio, summary, time_block, write_result  # noqa: E402
+from _common import interleaved, matmul_flops, parse_args, ratio, summary, time_block, topk_sae, write_result  # noqa: E402
 from peers import Contender, make_saelens, make_sparsify  # noqa: E402
 
 import actsparse  # noqa: E402
 from actsparse.data import make_synthetic  # noqa: E402
 from actsparse.metrics import fvu  # noqa: E402
-from actsparse.models import SparseAutoencoder  # noqa: E402
 from actsparse.train import train_step  # noqa: E402
 
 FULL = {"d_in": 512, "d_sae": 8192, "k": 32, "batch": 512, "n_features": 16_384, "active": 32.0,
@@ -57,21 +55,11 @@ SMOKE = {"d_in": 16, "d_sae": 64, "k": 4, "batch": 32, "n_features": 32, "active
          "train_batches": 4, "heldout": 128, "steps": 8, "min_seconds": 0.01}
 
 
-def decode_supported() -> bool:
-    """Whether this actsparse's ``SparseAutoencoder`` takes ``decode`` (the sparse TopK path)."""
-    return "decode" in inspect.signature(SparseAutoencoder).parameters
-
-
-def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: str | None = None,
+def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: str = "auto",
                    fused: bool = False) -> Contender:
-    """actsparse's TopK SAE, stepped by ``actsparse.train.train_step`` as its trainer does.
-
-    ``decode`` (``auto``/``dense``/``sparse``) is passed only where the constructor takes it, so
-    that the benchmark also runs on an actsparse without the sparse path."""
-    extra = {"decode": decode} if decode is not None and decode_supported() else {}
-    torch.manual_seed(seed)
-    model = SparseAutoencoder(d_in, d_sae, "topk", k=k, decoder="linear", unit_norm_decoder=True,
-                              init="orthogonal_tied", recon_loss="mse", **extra)
+    """actsparse's TopK SAE (``decode``: ``auto``/``dense``/``sparse``), stepped by
+    ``actsparse.train.train_step`` as its trainer does."""
+    model = topk_sae(d_in, d_sae, k, decode, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
 
     def step(x: Tensor) -> None:
@@ -83,9 +71,8 @@ def make_actsparse(d_in: int, d_sae: int, k: int, lr: float, seed: int, decode: 
     def reconstruct(x: Tensor) -> Tensor:
         return model(x).reconstruction
 
-    how = f"decode={decode}" if extra else "dense (no decode argument)"
     return Contender(step, reconstruct, actsparse.__version__,
-                     f"SparseAutoencoder(topk, linear, unit_norm_decoder, orthogonal_tied, mse), {how}; "
+                     f"SparseAutoencoder(topk, linear, unit_norm_decoder, orthogonal_tied, mse), decode={decode}; "
                      "remove_parallel_gradient before Adam, normalize_decoder after")
 
 
@@ -137,7 +124,7 @@ def main() -> None:
 
     makers: dict[str, Callable[[], Contender]] = {
         "actsparse": lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode=args.decode, fused=fused)}
-    if decode_supported() and args.decode != "dense":
+    if args.decode != "dense":
         makers["actsparse_dense"] = lambda: make_actsparse(d_in, d_sae, k, args.lr, args.seed, decode="dense",
                                                            fused=fused)
     makers["sparsify"] = lambda: make_sparsify(d_in, d_sae, k, args.lr, args.seed, fused=fused)
@@ -187,7 +174,7 @@ def main() -> None:
                     "optimizer": f"Adam ({args.adam})",
                     "steps": total, "train_batches": p["train_batches"], "heldout": p["heldout"],
                     "data": f"make_synthetic(n_features={p['n_features']}, active={p['active']}, seed={args.seed})",
-                    "decode": args.decode if decode_supported() else "unsupported", "rounds": args.rounds,
+                    "decode": args.decode, "rounds": args.rounds,
                     "threads": torch.get_num_threads()},
         "contenders": results,
         "floor": {"what": "x @ W_enc.T + b, one batch (addmm)", "samples_per_s": sps("floor")},

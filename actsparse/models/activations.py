@@ -60,9 +60,15 @@ class TopK(nn.Module):
         super().__init__()
         self.k = _check_k(k)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def indices(self, z: Tensor) -> Tensor:
+        """``(batch, k)`` indices of the kept units of pre-activations ``z`` ``(batch, d_sae)``.
+        ReLU is monotone, so these are the k largest of ReLU(z) (ties at 0 keep a value of 0)."""
         _check_width(z, self.k)
-        return topk_mask_values(torch.relu(z), self.k)
+        return z.topk(self.k, dim=-1, sorted=False).indices
+
+    def forward(self, z: Tensor) -> Tensor:
+        idx = self.indices(z)
+        return torch.zeros_like(z).scatter(-1, idx, torch.relu(z.gather(-1, idx)))
 
     def extra_repr(self) -> str:
         return f"k={self.k}"

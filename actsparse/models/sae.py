@@ -253,9 +253,12 @@ class SparseAutoencoder(nn.Module):
     def _encoder_input(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.pre_bias else x
 
+    def _pre(self, x_in: Tensor) -> Tensor:
+        return nn.functional.linear(x_in, self.W_enc, self.b_enc)
+
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activations ``(batch, d_hidden)``."""
-        return nn.functional.linear(self._encoder_input(x), self.W_enc, self.b_enc)
+        return self._pre(self._encoder_input(x))
 
     def encode(self, x: Tensor) -> Tensor:
         """The hidden code ``(batch, d_hidden)``."""
@@ -277,13 +280,13 @@ class SparseAutoencoder(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected input of shape (batch, {self.d_in}), got {tuple(x.shape)}")
         x_in = self._encoder_input(x)
+        # the sparse path needs every pre-activation for the top-k, but no graph: its gradient is sparse
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
+            pre = self._pre(x_in)
         if self.sparse:
-            with torch.no_grad():  # the top-k needs every pre-activation; the gradient is sparse
-                pre = nn.functional.linear(x_in, self.W_enc, self.b_enc)
-            idx = pre.topk(self.k, dim=-1, sorted=False).indices
+            idx = self.activation.indices(pre)
             h = SparseCode(torch.relu(self._select(x_in, pre, idx)), idx, self.d_hidden)
         else:
-            pre = nn.functional.linear(x_in, self.W_enc, self.b_enc)
             h = self.activation(pre)
         x_hat = self.decode(h)
         zero = x_hat.new_zeros(())

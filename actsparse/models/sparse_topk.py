@@ -149,7 +149,8 @@ def sparse_decode(values: Tensor, indices: Tensor, atoms: Tensor, bias: Tensor |
 
     Returns:
         ``(batch, d_in)``; equal to ``dense_code @ atoms + bias``. The backward touches only the
-        active rows of ``atoms`` (an embedding-bag sum, Gao et al. 2024 §4 "sparse kernels").
+        active rows of ``atoms`` (an embedding-bag sum; Gao et al. 2024 use sparse kernels to the
+        same end on GPUs).
     """
     out = F.embedding_bag(indices, atoms, per_sample_weights=values.to(atoms.dtype), mode="sum")
     return out if bias is None else out + bias
