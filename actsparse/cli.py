@@ -205,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"actsparse: error: unknown command {name!r}{hint}\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # no source line
+        print(f"actsparse {name}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         return COMMANDS[name](rest)
     except BrokenPipeError:  # output piped into head & co.
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit:
         raise
-    except (ValueError, KeyError, TypeError, FileNotFoundError, PermissionError, _MissingExtra, RuntimeError) as err:
+    except (ValueError, KeyError, TypeError, OSError, _MissingExtra, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"actsparse {name}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

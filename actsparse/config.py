@@ -105,7 +105,14 @@ class TrainConfig:
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
-    """Continue the run in ``out/name`` from its last checkpoint (same seed: same result)."""
+    """Continue the run in ``out/name`` from its newest checkpoint that verifies (same seed: same
+    result). A damaged ``checkpoint.pt`` is reported and ``checkpoint.prev.pt`` is used."""
+    on_nan: Literal["stop", "rollback"] = "stop"
+    """When the loss or the weights become NaN/Inf: ``stop`` with a message naming the step and the
+    loss terms (the last good checkpoint is kept), or ``rollback`` to the last good checkpoint with
+    half the learning rate (L-BFGS: with its curvature pairs reset) and go on."""
+    max_rollbacks: int = 3
+    """With ``--on-nan rollback``: give up after this many rollbacks."""
     config: str | None = field(default=None)
     """A TOML or YAML file of these fields; flags given on the command line win."""
 
@@ -118,6 +125,10 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.on_nan not in ("stop", "rollback"):
+            raise ConfigError(f"--on-nan must be 'stop' or 'rollback', got {self.on_nan!r}")
+        if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
+            raise ConfigError(f"--max-rollbacks must be an integer >= 0, got {self.max_rollbacks!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"--k must be a positive integer, got {self.k!r}")
         if self.activation in ("topk", "batchtopk", "ksparse"):

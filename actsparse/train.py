@@ -7,10 +7,12 @@ Math lives in the model and the penalties; this module only loops, logs and save
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .checkpoint import CHECKPOINT, atomic_write, load_latest, write_checkpoint
 from .config import TrainConfig
 from .lbfgs import LBFGS
 from .models import SparseAutoencoder, StackedAutoencoder
@@ -28,11 +31,59 @@ from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
 
 __all__ = ["build_model", "train", "train_step", "minibatch_optimizer", "pretrain_greedy", "TrainResult", "evaluate",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "TrainingError", "NonFiniteError"]
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message names the step."""
+    """Training cannot go on; the message names the step."""
+
+
+class TrainingWarning(UserWarning):
+    """Training went on after a recoverable problem (e.g. a rollback after a NaN)."""
+
+
+class NonFiniteError(TrainingError):
+    """The loss or the weights became NaN/Inf.
+
+    Attributes:
+        step: the first step whose loss was not finite.
+        terms: the loss terms at that step (``loss``, ``reconstruction``, ``penalty``,
+            ``weight_decay``, ``auxk``), as floats.
+    """
+
+    def __init__(self, step: int, terms: dict[str, float], message: str) -> None:
+        super().__init__(message)
+        self.step, self.terms = step, terms
+
+
+_TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
+
+
+class _FiniteGuard:
+    """Finds the first step whose loss is not finite without a host sync per step: a step index
+    and that step's loss terms are kept as tensors (``torch.where``, no branch on a value) and read
+    only at logged and checkpoint steps (GUIDE §4: no ``.item()`` on every step)."""
+
+    def __init__(self) -> None:
+        self.first: Tensor | None = None
+        self.terms: Tensor | None = None
+
+    def update(self, step: int, out) -> None:
+        terms = torch.stack([t.detach().float().reshape(()) for t in (
+            out.loss, out.reconstruction_loss, out.sparsity_loss, out.weight_decay_loss, out.auxk_loss)])
+        if self.first is None:
+            self.first = torch.full((), -1, dtype=torch.long, device=terms.device)
+            self.terms = torch.zeros_like(terms)
+        new = ~torch.isfinite(terms[0]) & (self.first < 0)
+        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
+        self.terms = torch.where(new, terms, self.terms)
+
+    def check(self) -> None:
+        if self.first is None or int(self.first) < 0:
+            return
+        step, terms = int(self.first), dict(zip(_TERMS, self.terms.tolist()))
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in terms.items())
+        raise NonFiniteError(step, terms, f"the loss became non-finite at step {step} ({shown})")
 
 
 def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
@@ -86,46 +137,60 @@ def evaluate(model: SparseAutoencoder, x: Tensor, batch_size: int = 4096) -> dic
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the new one
+def checkpoint_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """An upper estimate of the disk space a run's checkpoints take: the resumable checkpoint
+    (weights + optimiser state), the previous one and the one being written, plus the exported
+    ``model.safetensors``. L-BFGS keeps 100 (s, y) pairs of parameter-sized vectors."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    n += sum(b.numel() * b.element_size() for b in model.buffers())
+    state = {"adam": 2, "sgd": 0, "lbfgs": 2 * 100 + 2}.get(optimizer, 2) * n
+    return 3 * (n + state) + n
+
+
+def _check_weights_finite(model: torch.nn.Module, step: int) -> None:
+    params = [p.detach() for p in model.parameters()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        raise NonFiniteError(step, {}, f"the weights became non-finite at step {step} ({', '.join(bad)})")
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d_in: int,
                     trainer_state: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` and ``config.json`` (and ``trainer_state.pt`` when training is
-    to be resumable: optimiser state, step, RNG states), each atomically (write, then rename).
+    """Write the run's files into ``run_dir``, each one atomically.
 
-    The step is stored in both the weights' metadata and the trainer state, so a resume can tell
-    whether the two files belong together."""
+    * ``checkpoint.pt`` (when ``trainer_state`` is given: the step, optimiser and RNG states): the
+      one resumable file, with the weights inside, verified by a SHA-256 in its header; the one it
+      replaces is kept as ``checkpoint.prev.pt`` (:mod:`actsparse.checkpoint`).
+    * ``model.safetensors`` and ``config.json``: the latest weights and the config, for
+      :func:`load_checkpoint`, ``actsparse eval`` and other tools.
+
+    Weights that are not finite are never written: :class:`NonFiniteError` is raised instead,
+    and the last good checkpoint stays in place."""
     from safetensors.torch import save_file
 
-    step = str(trainer_state["step"]) if trainer_state else "final"
-    if trainer_state is not None:
-        _atomic_write(run_dir / "trainer_state.pt", lambda p: torch.save(trainer_state, p))
+    step = int(trainer_state["step"]) if trainer_state else None
+    _check_weights_finite(model, -1 if step is None else step)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"step": step}))
     cfg_dict = cfg.to_dict() | {"d_in": d_in}
-    _atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(cfg_dict, indent=2) + "\n"))
+    if trainer_state is not None:
+        write_checkpoint(run_dir, {**trainer_state, "model": state, "config": json.dumps(cfg_dict)})
+    meta = {"step": "final" if step is None else str(step)}
+    atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta))
+    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(cfg_dict, indent=2) + "\n"))
 
 
-def _load_trainer_state(run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Weights and trainer state of an interrupted run, checked to belong to the same step."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    weights = run_dir / "model.safetensors"
+def _load_resume_state(run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """The newest checkpoint of an interrupted run that verifies (see :func:`~actsparse.checkpoint.load_latest`),
+    with its weights loaded into ``model``."""
+    found = load_latest(run_dir)
+    if found is None:
+        raise ValueError(f"cannot resume from {run_dir}: it holds no {CHECKPOINT} (was it written by an older "
+                         f"actsparse, or with --checkpoint-every 0 and stopped before the end?)")
+    state, path = found
     try:
-        state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
-        with safe_open(str(weights), "pt") as f:
-            step = (f.metadata() or {}).get("step")
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as err:
-        raise ValueError(f"cannot resume from {run_dir}: damaged checkpoint ({err})") from err
-    if step != str(state["step"]):
-        raise ValueError(f"cannot resume from {run_dir}: model.safetensors is from step {step}, "
-                         f"trainer_state.pt from step {state['step']}")
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"cannot resume from {path}: its weights do not fit this model ({err})") from err
     return state
 
 
@@ -137,11 +202,18 @@ def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} an actsparse run folder?")
-    values = json.loads((run_dir / "config.json").read_text())
+    try:
+        values = json.loads((run_dir / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run_dir / 'config.json'} is not valid JSON: {err}") from err
     d_in = int(values.pop("d_in"))
     cfg = TrainConfig(**values)
     model = build_model(cfg, d_in)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    weights = run_dir / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # safetensors' own error for a truncated header, or a shape mismatch
+        raise ValueError(f"cannot load {weights}: {err}") from err
     return model, cfg
 
 
@@ -155,11 +227,46 @@ class TrainResult:
     run_dir: Path | None = None
 
 
-def _check_finite(step: int, out) -> None:
-    if not math.isfinite(float(out.loss.detach())):
-        terms = {k: float(getattr(out, k).detach()) for k in ("reconstruction_loss", "sparsity_loss",
-                                                       "weight_decay_loss", "auxk_loss")}
-        raise TrainingError(f"the loss became non-finite at step {step}: {terms}")
+class _RunLog:
+    """``metrics.jsonl``, one JSON line per logged step, and the same records in memory. On resume
+    and on rollback it is rewound to the checkpoint's step, so the log never holds steps that the
+    weights have not seen (a killed run may also have left half a last line: it is dropped)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.records, self._file = path, [], None
+
+    def rewind(self, step: int) -> None:
+        self.close()
+        if self.path is not None and self.path.is_file():
+            self.records = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:  # the line a kill cut short
+                    continue
+        self.records = [r for r in self.records if r.get("step", math.inf) <= step]
+        if self.path is not None:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self._file = open(self.path, "a")  # noqa: SIM115 (closed by close())
+
+    def append(self, rec: dict[str, float]) -> None:
+        self.records.append(rec)
+        if self._file is not None:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _check_free_space(run_dir: Path, model: torch.nn.Module, optimizer: str) -> None:
+    need = checkpoint_bytes(model, optimizer) + 16 * 2**20  # and room for the log and the figures
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise OSError(f"only {free / 2**20:.1f} MiB free in {run_dir}; this run's checkpoints need about "
+                      f"{need / 2**20:.0f} MiB (free some space or choose another --out)")
 
 
 def train(
@@ -175,14 +282,25 @@ def train(
     Args:
         cfg: the run's configuration (optimizer, iterations/epochs, model, penalty, seed).
         x: training data, float, ``(n, d_in)``; ``cfg.validation`` of it is held out.
-        run_dir: if given, ``metrics.jsonl`` (one line per logged step) and the checkpoint
-            (``model.safetensors`` + ``config.json``) are written there.
+        run_dir: if given, ``metrics.jsonl`` (one line per logged step), the resumable
+            ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps and after the last one) and
+            ``model.safetensors`` + ``config.json`` are written there; with ``cfg.resume`` the run
+            continues from its newest checkpoint that verifies.
         on_step: called with each logged record (the CLI's progress bar uses it).
         model: train this model instead of the one ``cfg`` describes (any module whose forward
             returns a :class:`~actsparse.models.ForwardOutput`; e.g. a stack being fine-tuned).
 
     Returns:
         A :class:`TrainResult` with final metrics on the training and validation splits.
+
+    Raises:
+        NonFiniteError: the loss or the weights became NaN/Inf; the message names the first such
+            step and the loss terms there, and the last good checkpoint is left in place. With
+            ``cfg.on_nan="rollback"`` the run first goes back to its last good checkpoint (in
+            memory) with half the learning rate, up to ``cfg.max_rollbacks`` times.
+        OSError: ``run_dir`` has too little free space for this run's checkpoints (before step 1).
+        actsparse.checkpoint.CheckpointError: a checkpoint cannot be written (e.g. the disk
+            filled up); the previous one is kept.
     """
     if x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"training data must be (samples, features) with at least 2 samples, got {tuple(x.shape)}")
@@ -195,19 +313,18 @@ def train(
     x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
     if model is None:
         model = build_model(cfg, x.shape[1]).to(x.dtype)
-    resume = None
-    if cfg.resume and run_dir is not None and (run_dir / "trainer_state.pt").is_file():
-        resume = _load_trainer_state(run_dir, model)
-        torch.set_rng_state(resume["torch_rng"])
-    history: list[dict[str, float]] = []
-    log_file = None
     if run_dir is not None:
-        log_path = run_dir / "metrics.jsonl"
-        if resume is not None and log_path.is_file():  # keep the log up to the checkpoint's step
-            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["step"] <= resume["step"]]
-            log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-        log_file = open(log_path, "a")  # noqa: SIM115
+        _check_free_space(run_dir, model, cfg.optimizer)
+    state = _load_resume_state(run_dir, model) if cfg.resume and run_dir is not None else None
+    lr_scale = float(state.get("lr_scale", 1.0)) if state else 1.0
+    rollbacks = int(state.get("rollbacks", 0)) if state else 0
+    last_good = None  # the payload to roll back to (kept only with on_nan="rollback")
+    if cfg.on_nan == "rollback":
+        last_good = copy.deepcopy(state) if state else {
+            "step": 0, "model": copy.deepcopy(model.state_dict()), "optimizer": None,
+            "torch_rng": torch.get_rng_state(), "epoch": 0, "batch": 0, "g_epoch": g.get_state()}
+    log = _RunLog(run_dir / "metrics.jsonl" if run_dir is not None else None)
+    guard = _FiniteGuard()
     start = time.perf_counter()
 
     # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
@@ -223,6 +340,7 @@ def train(
         return sse / max(float(total), torch.finfo(torch.float64).tiny)
 
     def record(step: int, out, xb: Tensor) -> None:
+        guard.check()  # a non-finite step since the last record stops here, before it is logged
         code = out.code.detach()
         dead = getattr(model, "dead_mask", None)
         rec = {"step": step, "loss": float(out.loss.detach()),
@@ -232,36 +350,68 @@ def train(
                "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}
-        history.append(rec)
-        if log_file is not None:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
+        log.append(rec)
         if on_step is not None:
             on_step(rec)
 
     def checkpoint(step: int, opt: torch.optim.Optimizer, extra: dict[str, Any], last: bool) -> None:
         # every `checkpoint_every` steps, and always after the last one (so a finished run can
         # be extended with --resume --iterations N)
-        if run_dir is not None and (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save_checkpoint(run_dir, model, cfg, x.shape[1], {"step": step, "optimizer": opt.state_dict(),
-                                                              "torch_rng": torch.get_rng_state(), **extra})
-
-    try:
-        if cfg.optimizer == "lbfgs":
-            _train_lbfgs(cfg, model, x_train, record, checkpoint, resume)
+        nonlocal last_good
+        if not (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            return
+        guard.check()  # never checkpoint after a non-finite step
+        payload = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "lr_scale": lr_scale, "rollbacks": rollbacks, **extra}
+        if run_dir is not None:
+            save_checkpoint(run_dir, model, cfg, x.shape[1], payload)
         else:
-            _train_minibatch(cfg, model, x_train, g, record, checkpoint, resume)
+            _check_weights_finite(model, step)
+        if cfg.on_nan == "rollback":  # a copy: the optimiser's state tensors change in place
+            last_good = copy.deepcopy(payload | {"model": model.state_dict()})
+
+    log.rewind(state["step"] if state else 0)
+    try:
+        while True:
+            try:
+                if cfg.optimizer == "lbfgs":
+                    _train_lbfgs(cfg, model, x_train, record, checkpoint, state, guard)
+                else:
+                    _train_minibatch(cfg, model, x_train, g, record, checkpoint, state, guard, lr_scale)
+                break
+            except NonFiniteError as err:
+                saved = run_dir / CHECKPOINT if run_dir is not None else None
+                kept = f"; the last good checkpoint {saved} is kept" if saved and saved.is_file() else ""
+                if cfg.on_nan != "rollback" or last_good is None:
+                    hint = " (--on-nan rollback restarts from it with half the learning rate)" if kept else ""
+                    raise NonFiniteError(err.step, err.terms, f"{err}{kept}{hint}") from None
+                if rollbacks >= cfg.max_rollbacks:
+                    raise NonFiniteError(err.step, err.terms, f"{err}, after {rollbacks} rollbacks "
+                                         f"(--max-rollbacks){kept}") from None
+                rollbacks += 1
+                lr_scale *= 0.5
+                warnings.warn(f"{err}; rolling back to step {last_good['step']} with learning rate "
+                              f"{cfg.lr * lr_scale:g} (rollback {rollbacks} of {cfg.max_rollbacks})",
+                              TrainingWarning, stacklevel=2)
+                # L-BFGS restarts its curvature pairs at the rolled-back point: the same pairs
+                # would take the same step into the same blow-up
+                state = copy.deepcopy(last_good) | ({"optimizer": None} if cfg.optimizer == "lbfgs" else {})
+                model.load_state_dict(state["model"])
+                torch.set_rng_state(state["torch_rng"])
+                log.rewind(state["step"])
+                guard = _FiniteGuard()
     finally:
-        if log_file is not None:
-            log_file.close()
+        log.close()
+    history = log.records
     seconds = time.perf_counter() - start
     final = evaluate(model, x_train)
-    final |= {"target": cfg.target, "seconds": seconds, "steps": int(history[-1]["step"]) if history else 0}
+    final |= {"target": cfg.target, "seconds": seconds, "steps": int(history[-1]["step"]) if history else 0,
+              "rollbacks": rollbacks}
     if n_val:
         val = evaluate(model, x_val)
         final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
     if run_dir is not None and not (run_dir / "model.safetensors").is_file():
-        save_checkpoint(run_dir, model, cfg, x.shape[1])  # e.g. resumed a run that had already finished
+        save_checkpoint(run_dir, model, cfg, x.shape[1])
     return TrainResult(model, final, history, run_dir)
 
 
@@ -294,14 +444,15 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     return results
 
 
-def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume) -> None:
+def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, state, guard: _FiniteGuard) -> None:
     # actsparse.lbfgs: one iteration per step (logged after each), one evaluation per iteration,
     # 100 stored pairs (minFunc's default, the CS294A exercise's optimiser), strong-Wolfe steps.
     opt = LBFGS(model.parameters(), history=100, max_evals=25)
     first = 1
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        first = resume["step"] + 1
+    if state is not None:
+        if state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+        first = state["step"] + 1
 
     def closure():
         out = model(x)
@@ -310,7 +461,7 @@ def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, resume)
 
     for it in range(first, cfg.iterations + 1):
         opt.step(closure)
-        _check_finite(it, opt.aux)  # the output at the accepted point
+        guard.update(it, opt.aux)  # the output at the accepted point
         record(it, opt.aux, x)
         checkpoint(it, opt, {}, it == cfg.iterations)
 
@@ -343,15 +494,19 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor):
     return out
 
 
-def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, record, checkpoint, resume) -> None:
-    opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, record, checkpoint, state,
+                     guard: _FiniteGuard, lr_scale: float = 1.0) -> None:
+    opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * lr_scale)
     steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     step, first_epoch, skip = 0, 0, 0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        step, first_epoch, skip = resume["step"], resume["epoch"], resume["batch"]
-        g.set_state(resume["g_epoch"])
+    if state is not None:
+        if state.get("optimizer") is not None:
+            opt.load_state_dict(state["optimizer"])
+            for group in opt.param_groups:  # a rollback lowers the rate the saved state holds
+                group["lr"] = cfg.lr * lr_scale
+        step, first_epoch, skip = state["step"], state["epoch"], state["batch"]
+        g.set_state(state["g_epoch"])
     for epoch in range(first_epoch, cfg.epochs):
         g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
         for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
@@ -360,7 +515,7 @@ def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, rec
             model.set_progress(step / total)
             out = train_step(model, opt, x[idx])
             step += 1
+            guard.update(step, out)
             if step % 10 == 0 or step == total:
-                _check_finite(step, out)
                 record(step, out, x[idx])
             checkpoint(step, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch}, step == total)
