@@ -24,6 +24,7 @@ evaluations per iteration).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -63,6 +64,14 @@ def two_loop_direction(g: Tensor, s: Tensor, y: Tensor, a: Tensor, gamma: float,
     return q.mul_(gamma).add_(s.t() @ c_slots.to(g.dtype)).neg_()
 
 
+class _NonFiniteTrial(Exception):
+    """A line-search trial point gave a NaN/Inf loss or gradient; ``aux`` is its output."""
+
+    def __init__(self, aux: Any) -> None:
+        super().__init__("non-finite trial point")
+        self.aux = aux
+
+
 class LBFGS:
     """L-BFGS over ``params``, one iteration per :meth:`step` (module docstring for the method).
 
@@ -70,19 +79,23 @@ class LBFGS:
         params: the tensors to optimise (leaves with ``requires_grad``).
         history: number of stored pairs m. Default 100 (minFunc's default, the CS294A exercise).
         max_evals: most function evaluations of one line search. Default 25.
+        max_nonfinite_retries: line searches tried, each from a 10x shorter first step, when trial
+            points give a NaN/Inf loss or gradient. Default 10.
 
     ``step(closure)``: ``closure()`` zeroes nothing; it computes the loss, calls ``backward()``
     on it and returns ``(loss, aux)``, where ``aux`` is anything (the model's output) that
     :attr:`aux` then gives for the accepted point. Gradients are read from ``p.grad``.
     """
 
-    def __init__(self, params: Iterable[Tensor], history: int = 100, max_evals: int = 25) -> None:
+    def __init__(self, params: Iterable[Tensor], history: int = 100, max_evals: int = 25,
+                 max_nonfinite_retries: int = 10) -> None:
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("LBFGS got no parameters")
         if history < 1 or max_evals < 1:
             raise ValueError(f"history and max_evals must be >= 1, got {history} and {max_evals}")
         self.history, self.max_evals = int(history), int(max_evals)
+        self.max_nonfinite_retries = max(1, int(max_nonfinite_retries))
         p0 = self.params[0]
         n = sum(p.numel() for p in self.params)
         # the pairs live in fixed buffers, in slots; `order` lists the used slots oldest first
@@ -138,10 +151,24 @@ class LBFGS:
         def objective(x: Tensor, t: float, d: Tensor) -> tuple[float, Tensor]:
             self._set_params(torch.add(x, d, alpha=t))
             f_t, g_t, aux = self._evaluate(closure)
+            if not (math.isfinite(f_t) and bool(torch.isfinite(g_t).all())):
+                raise _NonFiniteTrial(aux)  # torch's line search cannot bracket a NaN
             tried[float(t)] = aux
             return f_t, g_t
 
-        f_new, g_new, t, _ = _strong_wolfe(objective, x0, t, d, f, g, gtd, max_ls=self.max_evals)
+        # a trial step whose loss or gradient is NaN/Inf: search again from a 10x shorter first
+        # step (minFunc backtracks the same way); if every try is non-finite, stay at x0 and report
+        # the last non-finite output, so that the caller's finite check stops the run on good weights
+        for _ in range(self.max_nonfinite_retries):
+            try:
+                f_new, g_new, t, _ = _strong_wolfe(objective, x0, t, d, f, g, gtd, max_ls=self.max_evals)
+                break
+            except _NonFiniteTrial as bad:
+                t, last_bad = t * 0.1, bad.aux
+        else:
+            self._set_params(x0)
+            self.aux = last_bad
+            return float("nan")
         t = float(t)
         self._set_params(torch.add(x0, d, alpha=t))  # the accepted point, bit for bit as evaluated
         if t not in tried:  # the search returns one of its trial steps; evaluate if it ever did not

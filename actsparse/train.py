@@ -390,9 +390,10 @@ def train(
                                          f"(--max-rollbacks){kept}") from None
                 rollbacks += 1
                 lr_scale *= 0.5
-                warnings.warn(f"{err}; rolling back to step {last_good['step']} with learning rate "
-                              f"{cfg.lr * lr_scale:g} (rollback {rollbacks} of {cfg.max_rollbacks})",
-                              TrainingWarning, stacklevel=2)
+                how = "L-BFGS's curvature pairs reset" if cfg.optimizer == "lbfgs" else \
+                    f"learning rate {cfg.lr * lr_scale:g}"
+                warnings.warn(f"{err}; rolling back to step {last_good['step']} with {how} "
+                              f"(rollback {rollbacks} of {cfg.max_rollbacks})", TrainingWarning, stacklevel=2)
                 # L-BFGS restarts its curvature pairs at the rolled-back point: the same pairs
                 # would take the same step into the same blow-up
                 state = copy.deepcopy(last_good) | ({"optimizer": None} if cfg.optimizer == "lbfgs" else {})
