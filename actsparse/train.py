@@ -60,30 +60,34 @@ _TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
 
 
 class _FiniteGuard:
-    """Finds the first step whose loss is not finite without a host sync per step: a step index
-    and that step's loss terms are kept as tensors (``torch.where``, no branch on a value) and read
-    only at logged and checkpoint steps (GUIDE §4: no ``.item()`` on every step)."""
+    """Finds the first step whose loss is not finite without a host sync per step (GUIDE §4: no
+    ``.item()`` on every step): each step's loss terms are kept as detached references (no kernel
+    runs), and the steps since the last check are tested together, with one sync, at logged and
+    checkpoint steps."""
 
     def __init__(self) -> None:
-        self.first: Tensor | None = None
-        self.terms: Tensor | None = None
+        self.steps: list[int] = []
+        self.losses: list[Tensor] = []
+        self.terms: list[tuple[Tensor, ...]] = []
 
     def update(self, step: int, out) -> None:
-        terms = torch.stack([t.detach().float().reshape(()) for t in (
-            out.loss, out.reconstruction_loss, out.sparsity_loss, out.weight_decay_loss, out.auxk_loss)])
-        if self.first is None:
-            self.first = torch.full((), -1, dtype=torch.long, device=terms.device)
-            self.terms = torch.zeros_like(terms)
-        new = ~torch.isfinite(terms[0]) & (self.first < 0)
-        self.first = torch.where(new, torch.full_like(self.first, step), self.first)
-        self.terms = torch.where(new, terms, self.terms)
+        self.steps.append(step)
+        self.losses.append(out.loss.detach())
+        self.terms.append((out.reconstruction_loss.detach(), out.sparsity_loss.detach(),
+                           out.weight_decay_loss.detach(), out.auxk_loss.detach()))
 
     def check(self) -> None:
-        if self.first is None or int(self.first) < 0:
+        if not self.losses:
             return
-        step, terms = int(self.first), dict(zip(_TERMS, self.terms.tolist()))
-        shown = ", ".join(f"{k} {v:.6g}" for k, v in terms.items())
-        raise NonFiniteError(step, terms, f"the loss became non-finite at step {step} ({shown})")
+        losses, steps, terms = self.losses, self.steps, self.terms
+        self.steps, self.losses, self.terms = [], [], []
+        finite = torch.isfinite(torch.stack(losses) if len(losses) > 1 else losses[0])
+        if bool(finite.all()):
+            return
+        i = int((~finite).reshape(-1).nonzero()[0, 0])
+        values = {k: float(v) for k, v in zip(_TERMS, (losses[i], *terms[i]))}
+        shown = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+        raise NonFiniteError(steps[i], values, f"the loss became non-finite at step {steps[i]} ({shown})")
 
 
 def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
