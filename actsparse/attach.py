@@ -102,6 +102,8 @@ def find_targets(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]
         KeyError: if nothing matches, listing the closest names.
         TypeError: for any other kind of target.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"find_targets() takes an nn.Module, got {type(model).__name__}")
     named = [(n, m) for n, m in model.named_modules() if not isinstance(m, Penalty)]
     if isinstance(target, str):
         if any(ch in target for ch in "*?["):
@@ -474,6 +476,9 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
+    if penalties is not None and not isinstance(penalties, Mapping):
+        raise TypeError(f"penalties must be a mapping {{target: penalty}}, e.g. {{'encoder.1': actsparse.L1(1e-3)}}; "
+                        f"got {type(penalties).__name__}")
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper: hook the real modules
     hooked: list[_Hooked] = []
     for target, spec in (penalties or {}).items():

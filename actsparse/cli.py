@@ -3,6 +3,7 @@ by tyro) and calls the library; bad input ends with one clear line and a non-zer
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +26,56 @@ def _need(module: str):
         raise _MissingExtra(
             f"the actsparse command needs {module!r}: pip install 'actsparse[cli]'"
         ) from err
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RULE = re.compile(r"^[─━\-╭╮╰╯ ]*$")
+
+
+def _one_line(box: str) -> str:
+    """tyro's boxed parse error as one line: the box's first section (the message), without the
+    borders, plus the first suggestion of an "unrecognized options" box."""
+    lines = [ln.strip().strip("│┃|").strip() for ln in _ANSI.sub("", box).splitlines()]
+    lines = [ln for ln in lines if ln]
+    sections: list[list[str]] = [[]]
+    for ln in lines[1:] if len(lines) > 1 else lines:  # lines[0]: the top border, with the box's title
+        if _RULE.match(ln):
+            sections.append([])
+        else:
+            sections[-1].append(ln)
+    sections = [sec for sec in sections if sec]
+    if not sections:
+        return " ".join(lines) or "invalid arguments"
+    msg = re.sub(r"\s+", " ", " ".join(sections[0]))
+    msg = re.sub(r"^Error parsing [A-Z]\w*: ", "", msg)  # a config class's own check: its message says it all
+    msg = re.sub(r"^Error parsing (-\S+): ", r"\1: ", msg)
+    msg = re.sub(r"invalid literal for int\(\) with base 10: (.*)", r"expected an integer, got \1", msg)
+    msg = re.sub(r"could not convert string to float: (.*)", r"expected a number, got \1", msg)
+    if len(sections) > 1 and sections[1][0].startswith("Perhaps you meant") and len(sections[1]) > 1:
+        msg += f" (did you mean {sections[1][1].split()[0]}?)"
+    return msg
+
+
+def _parse(tyro, cls, **kwargs):
+    """``tyro.cli(cls, **kwargs)``, with tyro's multi-line error box turned into one ``ValueError``
+    line, so that every bad flag ends the command with one clear line on stderr (``--help`` and
+    successful parses pass through unchanged)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    failed = False
+    try:
+        with contextlib.redirect_stderr(buf):
+            return tyro.cli(cls, **kwargs)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        failed = True
+        raise ValueError(_one_line(buf.getvalue())) from None
+    finally:
+        if not failed and buf.getvalue():
+            sys.stderr.write(buf.getvalue())  # warnings printed during a successful parse
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -51,7 +102,7 @@ def cmd_train(argv: list[str]) -> int:
     path, rest = _split_config_flag(argv)
     defaults = TrainConfig(**load_config_file(path)) if path else TrainConfig()
     desc = "Train a sparse autoencoder. Defaults: the classic CS294A exercise."
-    cfg = tyro.cli(TrainConfig, default=defaults, args=rest, prog="actsparse train", description=desc)
+    cfg = _parse(tyro, TrainConfig, default=defaults, args=rest, prog="actsparse train", description=desc)
     if cfg.resume:  # the run's own settings are the defaults; flags given now still win
         import json
         from pathlib import Path
@@ -62,7 +113,7 @@ def cmd_train(argv: list[str]) -> int:
         values = json.loads(saved.read_text())
         values.pop("d_in", None)
         values.update(resume=True, config=path)
-        cfg = tyro.cli(TrainConfig, default=TrainConfig(**values), args=rest, prog="actsparse train",
+        cfg = _parse(tyro, TrainConfig, default=TrainConfig(**values), args=rest, prog="actsparse train",
                        description=desc)
     cfg.config = path
     from .runner import run_training
@@ -97,6 +148,14 @@ class GradcheckArgs:
     seed: int = 0
     """Random seed."""
 
+    def __post_init__(self) -> None:
+        for name in ("d_in", "hidden", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not 0 < self.tolerance < float("inf"):
+            raise ValueError(f"--tolerance must be a finite number > 0, got {self.tolerance!r}")
+
 
 def cmd_gradcheck(argv: list[str]) -> int:
     """``actsparse gradcheck``: exits 1 if the relative difference exceeds the tolerance."""
@@ -107,7 +166,7 @@ def cmd_gradcheck(argv: list[str]) -> int:
     from .gradcheck import relative_gradient_error
     from .train import build_model
 
-    a = tyro.cli(GradcheckArgs, args=argv, prog="actsparse gradcheck")
+    a = _parse(tyro, GradcheckArgs, args=argv, prog="actsparse gradcheck")
     cfg = TrainConfig(hidden=a.hidden, activation=a.activation, penalty=a.penalty, target=a.target,
                       weight=a.weight, weight_decay=a.weight_decay,
                       decoder="sigmoid" if a.activation == "sigmoid" else "linear", seed=a.seed)
@@ -175,15 +234,133 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "gradcheck": cmd_gradcheck}
+@dataclass
+class CacheArgs:
+    """Run a transformer over a token stream and store one layer's activations as shards."""
+
+    model: str = "tiny-gpt2"
+    """``tiny-gpt2``: a randomly initialised GPT-2 (2 layers, width 64, 2 heads, vocabulary 256)
+    built from a config and seeded by ``--seed``, nothing downloaded; or a Hugging Face checkpoint
+    name or folder (``AutoModel.from_pretrained``; with HF_HUB_OFFLINE=1, local files only)."""
+    layer: str = "h.0"
+    """Module whose output is stored: a qualified name (``h.0``, ``h.0.mlp``; ``transformer.h.0``
+    works too) or a glob that matches one module."""
+    out: str = "activations"
+    """Folder of the shard store (resumed if it holds an unfinished one with the same arguments)."""
+    tokens: int = 65_536
+    """Tokens to run through the model (whole sequences of ``--context``)."""
+    context: int = 128
+    """Tokens per sequence."""
+    batch_size: int = 32
+    """Sequences per forward."""
+    positions: str = "all"
+    """Positions kept: ``all``, ``last``, ``drop-first`` (drop the BOS), an integer, or a slice
+    ``start:stop[:step]``."""
+    shard_size: int = 65_536
+    """Rows per shard."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Stored dtype."""
+    token_file: str | None = None
+    """A 1-D ``.npy`` array of token ids to read (memory-mapped); default: uniformly random tokens."""
+    bos: int | None = None
+    """Token id put first in every sequence (e.g. 50256 for GPT-2), or none."""
+    seed: int = 0
+    """Seeds the tiny model's weights and the random tokens."""
+    device: str = "cpu"
+    """Where the model runs (``cpu``, ``cuda``, ``cuda:1``...)."""
+    overwrite: bool = False
+    """Delete an existing store in ``--out`` first."""
+    progress: bool = True
+    """Show a progress bar (needs tqdm)."""
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for values that cannot work. Called after parsing, not in
+        ``__post_init__``: tyro would wrap the message in a multi-line box."""
+        for name in ("tokens", "context", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tokens < self.context:
+            raise ValueError(f"--tokens ({self.tokens}) must be at least one sequence of --context ({self.context})")
+        from .data.activations import parse_positions
+
+        parse_positions(self.positions)
+
+
+def cmd_cache_activations(argv: list[str]) -> int:
+    """``actsparse cache-activations``: write a shard store of one layer's activations."""
+    tyro = _need("tyro")
+    import inspect
+    from pathlib import Path
+
+    import torch
+
+    from .data import activations as act
+    from .data.shards import INDEX_NAME, ShardStore
+
+    a = _parse(tyro, CacheArgs, args=argv, prog="actsparse cache-activations")
+    a.check()
+    device = torch.device(a.device)
+    try:
+        model = (act.tiny_gpt2(a.seed, device=device) if a.model == "tiny-gpt2"
+                 else act.load_hf_model(a.model, device=device))
+    except ModuleNotFoundError as err:
+        raise _MissingExtra(str(err)) from err
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and a.context > limit:
+        raise ValueError(f"--context {a.context} exceeds the model's {limit} positions")
+    n_seq = a.tokens // a.context
+    if a.token_file is None:
+        if vocab is None:
+            raise ValueError(f"{a.model} has no config.vocab_size to draw random tokens from: pass --token-file")
+        inputs = act.random_token_batches(n_seq, a.context, a.batch_size, vocab, seed=a.seed, bos=a.bos)
+        described = f"{n_seq} x {a.context} uniformly random tokens (seed {a.seed})"
+    else:
+        import numpy as np
+
+        path = Path(a.token_file)
+        if path.suffix.lower() != ".npy" or not path.is_file():
+            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
+        if vocab is not None and ids.size and int(ids.max()) >= vocab:
+            raise ValueError(f"{path} holds token id {int(ids.max())}, outside the model's vocabulary of {vocab}")
+        inputs = act.token_batches(ids, a.context, a.batch_size, bos=a.bos, max_sequences=n_seq)
+        described = f"{n_seq} x {a.context} tokens of {path}"
+    params = inspect.signature(model.forward).parameters
+    forward_kwargs = {"use_cache": False} if "use_cache" in params else None  # no KV cache to build
+    source = {"checkpoint": a.model, "seed": a.seed if a.model == "tiny-gpt2" else None, "inputs": described,
+              "context": a.context, "bos": a.bos}
+    before = None
+    if (Path(a.out) / INDEX_NAME).is_file() and not a.overwrite:
+        try:
+            before = ShardStore(a.out, allow_incomplete=True, verify=False)
+        except (ValueError, FileNotFoundError):
+            pass  # cache_activations reports it
+    store = act.cache_activations(model, a.layer, inputs, a.out, batch_size=a.batch_size,
+                                  positions=act.parse_positions(a.positions), shard_size=a.shard_size,
+                                  dtype=a.dtype, source=source, forward_kwargs=forward_kwargs,
+                                  overwrite=a.overwrite, progress=a.progress)
+    resumed = ("" if before is None else " (already complete)" if before.complete
+               else f" (resumed after {before.n_rows} stored rows)")
+    print(f"{store.n_rows} rows of {store.source['layer']} (d={store.d}, {store.dtype}) in {store.n_shards} "
+          f"shards: {a.out}{resumed}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "gradcheck": cmd_gradcheck,
+            "cache-activations": cmd_cache_activations}
 
 
 def _usage() -> str:
-    return ("usage: actsparse {train,eval,plot,gradcheck} [flags]\n"
+    return ("usage: actsparse {train,eval,plot,gradcheck,cache-activations} [flags]\n"
             "  train      train a sparse autoencoder (defaults: the classic CS294A exercise)\n"
             "  eval RUN   recompute a run's metrics on its data\n"
             "  plot RUN   redraw a run's figures\n"
             "  gradcheck  numerical vs analytic gradient of the classic model in float64\n"
+            "  cache-activations  store a transformer layer's activations as shards\n"
             "Run 'actsparse COMMAND --help' for the flags of a command.")
 
 
@@ -203,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"actsparse: error: unknown command {name!r}{hint}\n{_usage()}", file=sys.stderr)
+        print(f"actsparse: error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)} "
+              "(actsparse --help)", file=sys.stderr)
         return EXIT_USAGE
     import warnings
 

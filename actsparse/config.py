@@ -7,8 +7,11 @@ The defaults are the classic CS294A exercise (GUIDE §3): 10,000 8×8 natural-im
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +38,9 @@ class TrainConfig:
     """Data source: ``patches`` (embedded natural images), ``digits`` (scikit-learn), ``synthetic``
     (sparse ground truth), a file (.npy/.npz/.pt/.safetensors/.csv, MNIST IDX ``*-ubyte[.gz]``/``*.idx``),
     an image folder (``folder:DIR`` or a directory: patches are cut from its images), or
-    ``torchvision:NAME:ROOT`` (if torchvision is installed; nothing is downloaded)."""
+    ``torchvision:NAME:ROOT`` (if torchvision is installed; nothing is downloaded), or
+    ``shards:DIR``, an activation store written by ``actsparse cache-activations`` (streamed:
+    it need not fit in memory)."""
     samples: int = 10_000
     """Number of samples to draw (patches, image folders, synthetic)."""
     patch_size: int = 8
@@ -102,6 +107,9 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch's operations (default: torch's own choice, every core). On a busy
     machine 1 can be much faster for small models: idle threads spin-wait for busy cores."""
+    device: str = "auto"
+    """Where to train: ``auto`` (CUDA if available, else CPU; under torchrun each process takes
+    the GPU of its ``LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     resume: bool = False
@@ -117,6 +125,19 @@ class TrainConfig:
     """A TOML or YAML file of these fields; flags given on the command line win."""
 
     def __post_init__(self) -> None:
+        choices, flags = _field_kinds()
+        for name in ("data", "out", "name"):
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike):  # a pathlib.Path is fine: stored as the str config.json keeps
+                v = os.fspath(v)
+                setattr(self, name, v)
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"--{name} must be a non-empty string, got {v!r}")
+        for name in flags:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"--{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
         positive_ints = ("samples", "patch_size", "hidden", "iterations", "epochs", "batch_size")
         for name in positive_ints:
             v = getattr(self, name)
@@ -125,11 +146,14 @@ class TrainConfig:
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or self.device.startswith(("cuda:", "mps", "xpu"))):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.on_nan not in ("stop", "rollback"):
             raise ConfigError(f"--on-nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
             raise ConfigError(f"--max-rollbacks must be an integer >= 0, got {self.max_rollbacks!r}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"--k must be a positive integer, got {self.k!r}")
         if self.activation in ("topk", "batchtopk", "ksparse"):
             if self.k is None:
@@ -147,6 +171,8 @@ class TrainConfig:
             raise ConfigError(f"--model must be 'sae' or 'stacked', got {self.model!r}")
         if self.auxk is not None and (not isinstance(self.auxk, int) or not 1 <= self.auxk <= self.hidden):
             raise ConfigError(f"--auxk must be an integer in [1, --hidden {self.hidden}], got {self.auxk!r}")
+        if self.penalty is not None and not isinstance(self.penalty, str):
+            raise ConfigError(f"--penalty must be a name ({', '.join(sorted(PENALTIES))}, none), got {self.penalty!r}")
         if self.penalty is not None and self.penalty.lower() == "none":
             self.penalty = None
         if self.penalty is not None and self.penalty.lower().replace("-", "_") not in PENALTIES:
@@ -155,7 +181,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
-        if not 0 <= self.validation < 1:
+        self._check_target()
+        if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) \
+                or not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
@@ -166,12 +194,37 @@ class TrainConfig:
             raise ConfigError("--decode sparse needs --activation topk, --penalty none and --model sae "
                               f"(got --activation {self.activation}, --penalty {self.penalty or 'none'}, "
                               f"--model {self.model})")
+        for name, valid in choices.items():  # the Literal fields that have no check of their own above
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, valid))}, "
+                                  f"got {getattr(self, name)!r}")
+
+    def _check_target(self) -> None:
+        """ρ must be a probability for the Bernoulli and frequency KLs, and > 0 for the Poisson KL
+        (the other penalties have no target: it is not used)."""
+        t = self.target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ConfigError(f"--target must be a finite number, got {t!r}")
+        key = None if self.penalty is None else PENALTIES[self.penalty.lower().replace("-", "_")].__name__
+        if key in ("BernoulliKL", "FrequencyKL") and not 0 < t < 1:
+            raise ConfigError(f"--target of --penalty {self.penalty} is a firing rate ρ and must lie strictly "
+                              f"between 0 and 1, got {t!r}")
+        if key == "PoissonKL" and not t > 0:
+            raise ConfigError(f"--target of --penalty {self.penalty} is a mean activation ρ and must be > 0, got {t!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+@functools.cache
+def _field_kinds() -> tuple[dict[str, tuple], tuple[str, ...]]:
+    """The choices of each ``Literal`` field and the names of the ``bool`` fields of TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    choices = {n: typing.get_args(t) for n, t in hints.items() if typing.get_origin(t) is Literal}
+    return choices, tuple(n for n, t in hints.items() if t is bool)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -183,21 +236,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
     try:
-        if p.suffix == ".toml":
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {p}: {err}") from err
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
             values = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
+        elif suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ModuleNotFoundError as err:
                 raise ConfigError("reading YAML needs PyYAML: pip install 'actsparse[cli]'") from err
             values = yaml.safe_load(text) or {}
-        elif p.suffix == ".json":
+        elif suffix == ".json":
             values = json.loads(text)
         else:
             raise ConfigError(f"config file must be .toml, .yaml, .yml or .json, got {p.name}")

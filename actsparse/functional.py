@@ -100,11 +100,35 @@ def _reduce_dims(a: Tensor, unit_dim: int) -> list[int]:
 
 def _straight_through_clamp(x: Tensor, lo: float, hi: float | None) -> Tensor:
     """Value of ``x.clamp(lo, hi)``, gradient of the identity (so it never vanishes)."""
-    return x + (x.clamp(lo, hi) - x).detach()
+    # clamp + (x − x): the added term is exactly 0, so the value is the clamp's bit for bit. The
+    # form x + (clamp − x) rounds: for x = −32 in float32, −32 + (1e-6 + 32) is 0, not 1e-6.
+    return x.clamp(lo, hi).detach() + (x - x.detach())
+
+
+def _below_one(eps: float, dtype: torch.dtype) -> float:
+    """``1 − eps``, but at most the largest float below 1 that ``dtype`` keeps apart from 1:
+    float32 rounds 1 − 1e-9 to 1, where a saturated unit's ``log((1 − ρ)/(1 − ρ̂))`` is inf."""
+    return min(1.0 - eps, 1.0 - torch.finfo(dtype).eps)
 
 
 def _as_target(target: float | Tensor, like: Tensor) -> Tensor:
-    return torch.as_tensor(target, dtype=like.dtype, device=like.device)
+    t = torch.as_tensor(target, dtype=like.dtype, device=like.device)
+    if t.dim() and t.shape != like.shape and not _broadcasts_to(t.shape, like.shape):  # shapes only: free
+        raise ValueError(f"target ρ of shape {tuple(t.shape)} does not broadcast to rho_hat of shape "
+                         f"{tuple(like.shape)} (one target per unit, or a float)")
+    return t
+
+
+def _check_rho_hat(rho_hat: Tensor, eps: float) -> None:
+    """Type, dtype and size of a divergence's ρ̂ (no host sync), and its clamp distance ``eps``."""
+    if not isinstance(rho_hat, Tensor):
+        raise TypeError(f"rho_hat must be a torch.Tensor (e.g. mean_activation(a)), got {type(rho_hat).__name__}")
+    if not rho_hat.dtype.is_floating_point:
+        raise TypeError(f"rho_hat must be a floating-point tensor, got dtype {rho_hat.dtype}; cast with .float()")
+    if rho_hat.numel() == 0:
+        raise ValueError(f"rho_hat is empty (shape {tuple(rho_hat.shape)}): no units to compare with the target")
+    if not (isinstance(eps, float) and 0.0 < eps < 1.0):  # the common case in one test
+        check_probability("eps", eps)
 
 
 def check_probability(name: str, value: float | Tensor) -> None:
@@ -184,6 +208,23 @@ def _reduce(x: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return x
     raise ValueError(f"unknown reduction {reduction!r}; choose one of 'sum', 'mean', 'none'")
+
+
+def check_threshold(threshold: float | Tensor) -> None:
+    """Raise unless ``threshold`` is a tensor or a finite number (a tensor's values are not read)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, Tensor)):
+        raise TypeError(f"threshold must be a float or a tensor, got {type(threshold).__name__}")
+    if not isinstance(threshold, Tensor) and not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without growing it. Pure Python over the dims:
+    ``torch.broadcast_shapes`` costs ~60 µs a call (and seconds for its first import)."""
+    extra = len(shape) - len(target)
+    if extra > 0 and any(d != 1 for d in shape[:extra]):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def unit_view(t: Tensor, a: Tensor, unit_dim: int) -> Tensor:
@@ -278,8 +319,15 @@ def activation_frequency(
     _check_activations(a, min_dim=2)
     check_positive("bandwidth", bandwidth)
     dims = _reduce_dims(a, unit_dim)
-    th = threshold if isinstance(threshold, Tensor) else torch.tensor(threshold)
-    th = unit_view(th.to(device=a.device, dtype=a.dtype), a, unit_dim)
+    if isinstance(threshold, Tensor):
+        th = unit_view(threshold.to(device=a.device, dtype=a.dtype), a, unit_dim)
+        if th.dim() and not _broadcasts_to(th.shape, a.shape):
+            units = a.shape[normalize_unit_dim(a, unit_dim)]
+            raise ValueError(f"threshold of shape {tuple(threshold.shape)} does not fit activations of shape "
+                             f"{tuple(a.shape)} ({units} units on unit_dim={unit_dim})")
+    else:
+        check_threshold(threshold)
+        th = torch.tensor(float(threshold), device=a.device, dtype=a.dtype)
     fired = _HeavisideST.apply(a, th, float(bandwidth))
     return fired.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
@@ -314,12 +362,13 @@ def bernoulli_kl(
         ValueError: target outside (0, 1); ρ̂ > 1 (points to :func:`poisson_kl`); NaN/Inf.
     """
     check_probability("target ρ", target)
+    _check_rho_hat(rho_hat, eps)
     cd = _compute_dtype(rho_hat.dtype)
     r = rho_hat.to(cd)
     if check:
         _check_rate(r.detach(), upper=1.0 + 1e-6, penalty="BernoulliKL")
     rho = _as_target(target, r)
-    r = _straight_through_clamp(r, eps, 1.0 - eps)
+    r = _straight_through_clamp(r, eps, _below_one(eps, cd))
     kl = rho * torch.log(rho / r) + (1 - rho) * torch.log((1 - rho) / (1 - r))
     return _reduce(kl, reduction).to(rho_hat.dtype)
 
@@ -349,6 +398,7 @@ def poisson_kl(
         A scalar (or ``rho_hat``-shaped for ``"none"``) in ``rho_hat``'s dtype.
     """
     check_positive("target ρ", target)
+    _check_rho_hat(rho_hat, eps)
     cd = _compute_dtype(rho_hat.dtype)
     r = rho_hat.to(cd)
     if check:
@@ -376,11 +426,6 @@ def _activity_divisor(a: Tensor, reduction: str) -> float:
     )
 
 
-def _activity_reduce(total: Tensor, a: Tensor, reduction: str) -> Tensor:
-    divisor = _activity_divisor(a, reduction)
-    return total if divisor == 1.0 else total / divisor
-
-
 def check_finite_result(value: Tensor, a: Tensor) -> None:
     """One host sync on a reduced value; on failure, say how many activations are bad."""
     if torch.compiler.is_compiling():
@@ -389,6 +434,12 @@ def check_finite_result(value: Tensor, a: Tensor) -> None:
     finite = math.isfinite(float(value.detach())) if value.dim() == 0 else bool(torch.isfinite(value.detach()).all())
     if not finite:
         bad = int((~torch.isfinite(a.detach())).sum())
+        if bad == 0:  # finite activations whose penalty is too large for the dtype (e.g. Σa² of 1e30s)
+            raise ValueError(
+                f"the penalty overflowed {value.dtype} (max {torch.finfo(value.dtype).max:.3g}) although "
+                f"every activation is finite (largest |a| = {float(a.detach().abs().max()):.3g}, shape "
+                f"{tuple(a.shape)}); rescale the activations or compute in float64"
+            )
         raise ValueError(
             f"activations contain NaN or Inf ({bad} of {a.numel()} elements, shape "
             f"{tuple(a.shape)}); check the layer's input and learning rate"
@@ -453,8 +504,12 @@ def l2(
         A scalar in ``a``'s dtype, reduced in float32 at least.
     """
     _check_activations(a)
-    total = a.to(_compute_dtype(a.dtype)).square().sum()
-    out = _activity_reduce(total, a, reduction)
+    # Divide by √divisor *before* squaring: the partial sums of Σ(a/√d)² never exceed the result,
+    # so the reduction overflows only when Σa²/d itself does (in float32, Σa² of four 1e19s is
+    # inf while Σa²/batch = 1e38 is not).
+    x = a.to(_compute_dtype(a.dtype))
+    divisor = _activity_divisor(a, reduction)
+    out = (x if divisor == 1.0 else x * (1.0 / math.sqrt(divisor))).square().sum()
     if check:
         check_finite_result(out, a)
     return out.to(a.dtype)

@@ -43,7 +43,7 @@ class _KLSparseRegFn(torch.autograd.Function):
         m = ctx.moving_avg
         with torch.no_grad():
             m.mul_(momentum).add_(ctx.avg, alpha=1.0 - momentum)
-            mc = m.clamp(eps, 1.0 - eps)
+            mc = m.clamp(eps, F._below_one(eps, m.dtype))  # 1 − eps must stay < 1 in m's dtype
             term = penalty * (-target / mc + (1.0 - target) / (1.0 - mc))
         g = grad_out.reshape(grad_out.shape[0], -1) + term.to(grad_out.dtype)
         return g.reshape(ctx.x_shape), None, None, None, None, None

@@ -172,8 +172,17 @@ class RatePenalty(Penalty):
         """The unweighted divergence between ``self.target`` and ``rate`` (scalar)."""
         raise NotImplementedError
 
+    #: The process group whose global batch ρ̂ is taken over (``None``: this process's batch);
+    #: set by :func:`actsparse.distributed.sync_batch_statistics` for DDP training.
+    stats_group = None
+
     def value(self, a: Tensor) -> Tensor:
-        rate = self.smoothed(self.rate(a))
+        rate = self.rate(a)
+        if self.stats_group is not None:
+            from .distributed import global_mean
+
+            rate = global_mean(rate, a.numel() // max(rate.numel(), 1), self.stats_group)
+        rate = self.smoothed(rate)
         return self.divergence(rate).to(a.dtype)
 
     def smoothed(self, rate: Tensor) -> Tensor:
@@ -284,8 +293,7 @@ class FrequencyKL(RatePenalty):
         )
         F.check_positive("bandwidth", bandwidth)
         self.bandwidth = float(bandwidth)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, Tensor)):
-            raise TypeError(f"threshold must be a float or a tensor, got {type(threshold).__name__}")
+        F.check_threshold(threshold)
         # A tensor threshold (e.g. a JumpReLU's learned θ) is referenced, not owned: it stays a
         # parameter of your model only, so it is not registered here.
         self.__dict__["firing_threshold"] = threshold if isinstance(threshold, Tensor) else float(threshold)
@@ -348,6 +356,9 @@ def get_penalty(name: str, **kwargs: Any) -> Penalty:
     Raises:
         KeyError: for an unknown name, listing the valid ones and the closest match.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a penalty name must be a str (one of {', '.join(sorted(PENALTIES))}), "
+                        f"got {type(name).__name__}")
     key = name.lower().replace("-", "_")
     if key not in PENALTIES:
         close = difflib.get_close_matches(key, PENALTIES, n=1)

@@ -22,7 +22,7 @@ def prepare_run_dir(cfg: TrainConfig, min_free_bytes: int = 50 * 2**20) -> Path:
     run_dir = Path(cfg.out) / cfg.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as err:
@@ -63,17 +63,40 @@ def dictionary_recovery(model, data) -> float | None:
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
     """Load the data, train, and write ``config.json``, ``model.safetensors``, ``metrics.json``,
-    ``metrics.jsonl`` and the figures into ``out/name``; print where everything went."""
-    from .data import load_data
+    ``metrics.jsonl`` and the figures into ``out/name``; print where everything went.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process joins the process group (gloo on CPU,
+    NCCL on CUDA) and trains its share of each global batch with DistributedDataParallel; only
+    rank 0 writes files and prints."""
+    from .distributed import init_from_env, world
+    from .train import resolve_device
+
+    joined = init_from_env(resolve_device(cfg.device))
+    try:
+        return _run(cfg, echo if world()[0] == 0 else (lambda line: None))
+    finally:
+        if joined:
+            torch.distributed.barrier()  # rank 0 has written everything before any rank leaves
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
+    from .data import load_data
+    from .distributed import world
+
+    rank, world_size = world()
     run_dir = prepare_run_dir(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     data = load_data(cfg)
-    echo(f"data: {data.description} -> {tuple(data.x.shape)}")
+    source = data.stream if data.stream is not None else data.x
+    echo(f"data: {data.description} -> {(data.stream.n_rows, data.stream.d) if data.stream else tuple(data.x.shape)}"
+         + (f", {world_size} processes" if world_size > 1 else ""))
     if cfg.optimizer == "lbfgs":
         total = cfg.iterations
+    elif data.stream is not None:
+        total = cfg.epochs * (data.stream.n_rows // cfg.batch_size)
     else:
         n_train = data.x.shape[0] - int(round(cfg.validation * data.x.shape[0]))
         total = cfg.epochs * -(-n_train // cfg.batch_size)
@@ -84,11 +107,13 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
         model = build_model(cfg, data.x.shape[1])
         echo(f"greedy layer-wise pretraining of {len(model.encoder)} layers ...")
         pretrain_greedy(model, data.x, cfg)
-    update, close = _progress(cfg, total)
+    update, close = _progress(cfg, total) if rank == 0 else ((lambda rec: None), (lambda: None))
     try:
-        result = train(cfg, data.x, run_dir=run_dir, on_step=update, model=model)
+        result = train(cfg, source, run_dir=run_dir, on_step=update, model=model)
     finally:
         close()
+    if rank != 0:  # rank 0 reports and writes
+        return result
     metrics = result.metrics | {"data": data.description}
     recovery = dictionary_recovery(result.model, data)
     if recovery is not None:

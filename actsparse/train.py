@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -24,6 +25,8 @@ from torch import Tensor
 from . import metrics as M
 from .checkpoint import CHECKPOINT, atomic_write, load_latest, write_checkpoint
 from .config import TrainConfig
+from .data import STREAM_SAMPLE
+from .distributed import local_batch_statistics, sync_batch_statistics, world
 from .lbfgs import LBFGS
 from .models import SparseAutoencoder, StackedAutoencoder
 from .models.sae import squared_error
@@ -32,6 +35,20 @@ from .penalties import get_penalty
 
 __all__ = ["build_model", "train", "train_step", "minibatch_optimizer", "pretrain_greedy", "TrainResult", "evaluate",
            "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "TrainingError", "NonFiniteError"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if available (under torchrun, the process's ``LOCAL_RANK`` device), else CPU;
+    or any name ``torch.device`` takes."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 class TrainingError(RuntimeError):
@@ -65,7 +82,8 @@ class _FiniteGuard:
     runs), and the steps since the last check are tested together, with one sync, at logged and
     checkpoint steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, distributed: bool = False) -> None:
+        self.distributed = distributed  # every rank must stop at the same check, or the others hang
         self.steps: list[int] = []
         self.losses: list[Tensor] = []
         self.terms: list[tuple[Tensor, ...]] = []
@@ -82,6 +100,10 @@ class _FiniteGuard:
         losses, steps, terms = self.losses, self.steps, self.terms
         self.steps, self.losses, self.terms = [], [], []
         finite = torch.isfinite(torch.stack(losses) if len(losses) > 1 else losses[0])
+        if self.distributed:  # a step is finite only if it is on every rank
+            flags = finite.reshape(-1).to(torch.uint8)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            finite = flags.bool()
         if bool(finite.all()):
             return
         i = int((~finite).reshape(-1).nonzero()[0, 0])
@@ -121,13 +143,14 @@ def evaluate(model: SparseAutoencoder, x: Tensor, batch_size: int = 4096) -> dic
     model.eval()
     recon, penalty, n = 0.0, 0.0, 0
     codes, recons = [], []
+    device = next(model.parameters()).device
     for xb in x.split(batch_size):
-        out = model(xb)
+        out = model(xb.to(device))
         recon += float(out.reconstruction_loss) * xb.shape[0]
         penalty += float(out.sparsity_loss) * xb.shape[0]
         n += xb.shape[0]
-        codes.append(out.code.to_dense() if isinstance(out.code, SparseCode) else out.code)
-        recons.append(out.reconstruction)
+        codes.append((out.code.to_dense() if isinstance(out.code, SparseCode) else out.code).to(x.device))
+        recons.append(out.reconstruction.to(x.device))
     model.train(was_training)
     code, x_hat = torch.cat(codes), torch.cat(recons)
     rho = code.double().mean(0)
@@ -306,20 +329,49 @@ def train(
         actsparse.checkpoint.CheckpointError: a checkpoint cannot be written (e.g. the disk
             filled up); the previous one is kept.
     """
-    if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"training data must be (samples, features) with at least 2 samples, got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"training data contain {int((~torch.isfinite(x)).sum())} NaN/Inf values")
+    rank, world_size = world()
+    streaming = not isinstance(x, Tensor)  # a ShardStore: read in minibatches, never whole
+    if streaming:
+        if cfg.optimizer == "lbfgs":
+            raise ValueError("L-BFGS is full-batch: a streamed activation store trains with --optimizer adam or sgd")
+        d_in = int(x.d)
+    else:
+        if x.dim() != 2 or x.shape[0] < 2:
+            raise ValueError(f"training data must be (samples, features) with at least 2 samples, "
+                             f"got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"training data contain {int((~torch.isfinite(x)).sum())} NaN/Inf values")
+        d_in = x.shape[1]
+    if world_size > 1 and cfg.optimizer == "lbfgs":
+        raise ValueError(f"L-BFGS is full-batch and runs in one process; with {world_size} processes use "
+                         "--optimizer adam or sgd")
+    if world_size > 1 and cfg.batch_size < world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the number of "
+                         f"processes ({world_size})")
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(x.shape[0], generator=g)
-    n_val = int(round(cfg.validation * x.shape[0]))
-    x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
+    if streaming:
+        n_val, x_train, x_val = 0, x, None
+    else:
+        perm = torch.randperm(x.shape[0], generator=g)
+        n_val = int(round(cfg.validation * x.shape[0]))
+        x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
+        if cfg.optimizer == "lbfgs":
+            x_train = x_train.to(device)  # full batch: moved once
     if model is None:
-        model = build_model(cfg, x.shape[1]).to(x.dtype)
-    if run_dir is not None:
-        _check_free_space(run_dir, model, cfg.optimizer)
+        model = build_model(cfg, d_in).to(torch.float32 if streaming else x.dtype)
+    model = model.to(device)
+    writer = run_dir if rank == 0 else None  # only rank 0 writes files
+    if writer is not None:
+        _check_free_space(writer, model, cfg.optimizer)
     state = _load_resume_state(run_dir, model) if cfg.resume and run_dir is not None else None
+    forward = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        sync_batch_statistics(model)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     lr_scale = float(state.get("lr_scale", 1.0)) if state else 1.0
     rollbacks = int(state.get("rollbacks", 0)) if state else 0
     last_good = None  # the payload to roll back to (kept only with on_nan="rollback")
@@ -327,8 +379,8 @@ def train(
         last_good = copy.deepcopy(state) if state else {
             "step": 0, "model": copy.deepcopy(model.state_dict()), "optimizer": None,
             "torch_rng": torch.get_rng_state(), "epoch": 0, "batch": 0, "g_epoch": g.get_state()}
-    log = _RunLog(run_dir / "metrics.jsonl" if run_dir is not None else None)
-    guard = _FiniteGuard()
+    log = _RunLog(writer / "metrics.jsonl" if writer is not None else None)
+    guard = _FiniteGuard(world_size > 1)
     start = time.perf_counter()
 
     # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
@@ -336,22 +388,26 @@ def train(
     full_batch_total = M.total_variance(x_train) if cfg.optimizer == "lbfgs" else None
     recon_kind = getattr(model, "recon_loss", None)
 
-    def logged_fvu(out, xb: Tensor) -> float:
+    def sse_and_total(out, xb: Tensor) -> tuple[float, float]:
         if recon_kind is None:  # a model of the caller's with another loss: the direct formula
-            return float(M.fvu(xb, out.reconstruction.detach()))
+            return float((xb - out.reconstruction.detach()).square().sum()), float(M.total_variance(xb))
         total = full_batch_total if xb is x_train else M.total_variance(xb)
-        sse = squared_error(float(out.reconstruction_loss.detach()), recon_kind, tuple(xb.shape))
-        return sse / max(float(total), torch.finfo(torch.float64).tiny)
+        return squared_error(float(out.reconstruction_loss.detach()), recon_kind, tuple(xb.shape)), float(total)
 
     def record(step: int, out, xb: Tensor) -> None:
         guard.check()  # a non-finite step since the last record stops here, before it is logged
         code = out.code.detach()
         dead = getattr(model, "dead_mask", None)
-        rec = {"step": step, "loss": float(out.loss.detach()),
-               "reconstruction": float(out.reconstruction_loss.detach()),
-               "penalty": float(out.sparsity_loss.detach()), "weight_decay": float(out.weight_decay_loss.detach()),
-               "fvu": logged_fvu(out, xb),
-               "l0": float(M.l0(code)), "mean_activation": float(code.mean()),
+        sse, total = sse_and_total(out, xb)
+        means = [float(out.loss.detach()), float(out.reconstruction_loss.detach()), float(out.sparsity_loss.detach()),
+                 float(out.weight_decay_loss.detach()), float(M.l0(code)), float(code.mean())]
+        if world_size > 1:  # the log shows the global batch: means over the ranks' equal shares, summed SSE
+            both = torch.tensor([*means, sse, total], dtype=torch.float64)
+            torch.distributed.all_reduce(both)
+            means, (sse, total) = (both[:6] / world_size).tolist(), both[6:].tolist()
+        rec = {"step": step, "loss": means[0], "reconstruction": means[1], "penalty": means[2],
+               "weight_decay": means[3], "fvu": sse / max(total, torch.finfo(torch.float64).tiny),
+               "l0": means[4], "mean_activation": means[5],
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}
         log.append(rec)
@@ -367,8 +423,8 @@ def train(
         guard.check()  # never checkpoint after a non-finite step
         payload = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
                    "lr_scale": lr_scale, "rollbacks": rollbacks, **extra}
-        if run_dir is not None:
-            save_checkpoint(run_dir, model, cfg, x.shape[1], payload)
+        if writer is not None:
+            save_checkpoint(writer, model, cfg, d_in, payload)
         else:
             _check_weights_finite(model, step)
         if cfg.on_nan == "rollback":  # a copy: the optimiser's state tensors change in place
@@ -381,10 +437,11 @@ def train(
                 if cfg.optimizer == "lbfgs":
                     _train_lbfgs(cfg, model, x_train, record, checkpoint, state, guard)
                 else:
-                    _train_minibatch(cfg, model, x_train, g, record, checkpoint, state, guard, lr_scale)
+                    _train_minibatch(cfg, model, forward, x_train, g, record, checkpoint, state, guard, lr_scale,
+                                     device)
                 break
             except NonFiniteError as err:
-                saved = run_dir / CHECKPOINT if run_dir is not None else None
+                saved = writer / CHECKPOINT if writer is not None else None
                 kept = f"; the last good checkpoint {saved} is kept" if saved and saved.is_file() else ""
                 if cfg.on_nan != "rollback" or last_good is None:
                     hint = " (--on-nan rollback restarts from it with half the learning rate)" if kept else ""
@@ -407,16 +464,21 @@ def train(
                 guard = _FiniteGuard()
     finally:
         log.close()
+        if world_size > 1:  # from here on each rank works alone (rank 0 evaluates)
+            local_batch_statistics(model)
     history = log.records
     seconds = time.perf_counter() - start
-    final = evaluate(model, x_train)
-    final |= {"target": cfg.target, "seconds": seconds, "steps": int(history[-1]["step"]) if history else 0,
-              "rollbacks": rollbacks}
-    if n_val:
-        val = evaluate(model, x_val)
-        final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
-    if run_dir is not None and not (run_dir / "model.safetensors").is_file():
-        save_checkpoint(run_dir, model, cfg, x.shape[1])
+    final: dict[str, float] = {"target": cfg.target, "seconds": seconds,
+                               "steps": int(history[-1]["step"]) if history else 0, "rollbacks": rollbacks,
+                               "processes": world_size}
+    if rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights
+        # a streamed store is measured on a sample of its rows (it may not fit in memory)
+        final = evaluate(model, x_train.sample(STREAM_SAMPLE, seed=cfg.seed) if streaming else x_train) | final
+        if n_val:
+            val = evaluate(model, x_val)
+            final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
+    if writer is not None and not (writer / "model.safetensors").is_file():
+        save_checkpoint(writer, model, cfg, d_in)
     return TrainResult(model, final, history, run_dir)
 
 
@@ -483,11 +545,13 @@ def minibatch_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"unknown minibatch optimizer {name!r}; choose 'adam' or 'sgd'")
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor):
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, *,
+               forward: torch.nn.Module | None = None):
     """One minibatch step on ``x`` ``(batch, d_in)``: forward, backward, and for unit-norm decoders
     the parallel-gradient removal before the update and the renormalisation after it.
+    ``forward`` runs the model (default ``model``; e.g. its ``DistributedDataParallel`` wrapper).
     Returns the :class:`~actsparse.models.ForwardOutput` (no host sync here)."""
-    out = model(x)
+    out = (forward or model)(x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     unit_norm = getattr(model, "unit_norm_decoder", False)
@@ -499,10 +563,33 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor):
     return out
 
 
-def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, record, checkpoint, state,
-                     guard: _FiniteGuard, lr_scale: float = 1.0) -> None:
+def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: int, world_size: int,
+                   device: torch.device):
+    """This rank's minibatches of one epoch. ``--batch-size`` is the global batch, drawn the same way
+    on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a streamed store) and split
+    into ``world_size`` near-equal parts: N processes see exactly the samples one process would,
+    and each reads only its own part."""
+    if isinstance(x, Tensor):
+        for idx in torch.randperm(x.shape[0], generator=g).split(cfg.batch_size):
+            yield x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
+    else:
+        import numpy as np
+
+        for ids in x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch):
+            yield x.read_rows(np.array_split(ids, world_size)[rank]).to(device, non_blocking=True)
+
+
+def _train_minibatch(cfg: TrainConfig, model, forward, x, g: torch.Generator, record, checkpoint, state,
+                     guard: _FiniteGuard, lr_scale: float = 1.0, device: torch.device | None = None) -> None:
+    rank, world_size = world()
+    device = device if device is not None else torch.device("cpu")
     opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * lr_scale)
-    steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+    if isinstance(x, Tensor):
+        steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+    else:
+        steps_per_epoch = x.n_rows // cfg.batch_size  # whole batches only: every rank takes the same steps
+        if steps_per_epoch == 0:
+            raise ValueError(f"the store has {x.n_rows} rows: fewer than one batch of {cfg.batch_size}")
     total = cfg.epochs * steps_per_epoch
     step, first_epoch, skip = 0, 0, 0
     if state is not None:
@@ -514,13 +601,13 @@ def _train_minibatch(cfg: TrainConfig, model, x: Tensor, g: torch.Generator, rec
         g.set_state(state["g_epoch"])
     for epoch in range(first_epoch, cfg.epochs):
         g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
-        for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
+        for b, xb in enumerate(_epoch_batches(x, epoch, g, cfg, rank, world_size, device)):
             if epoch == first_epoch and b < skip:
                 continue
             model.set_progress(step / total)
-            out = train_step(model, opt, x[idx])
+            out = train_step(model, opt, xb, forward=forward)
             step += 1
             guard.update(step, out)
             if step % 10 == 0 or step == total:
-                record(step, out, x[idx])
+                record(step, out, xb)
             checkpoint(step, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch}, step == total)

@@ -11,7 +11,9 @@
   followed by ``.gz`` (``train-images-idx3-ubyte.gz``; :mod:`actsparse.data.idx`);
 * ``torchvision:NAME:ROOT`` — the training split of ``torchvision.datasets.NAME`` already stored
   under ``ROOT`` (needs torchvision, imported only here; ``download=False``);
-* an array file ``.npy``/``.npz``/``.pt``/``.safetensors``/``.csv`` of shape ``(samples, features)``.
+* an array file ``.npy``/``.npz``/``.pt``/``.safetensors``/``.csv`` of shape ``(samples, features)``;
+* ``shards:DIR`` — a finished activation store (:mod:`actsparse.data.shards`, written by
+  ``actsparse cache-activations``); training streams it in minibatches (``x`` is a sample).
 
 Sources with image samples (digits, IDX images, torchvision grey images, patches) set
 ``Dataset.image_shape`` so that figures show the filters as tiles.
@@ -20,8 +22,11 @@ Sources with image samples (digits, IDX images, torchvision grey images, patches
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +43,11 @@ __all__ = [
 
 TORCHVISION_PREFIX = "torchvision:"
 FOLDER_PREFIX = "folder:"
+#: Named sources built in (anything else is a path or a ``prefix:`` spec).
+BUILTIN_SOURCES = ("patches", "digits", "synthetic")
+SHARDS_PREFIX = "shards:"
+#: Rows of a streamed store held in memory for metrics and figures.
+STREAM_SAMPLE = 65_536
 
 
 @dataclass
@@ -49,12 +59,16 @@ class Dataset:
         description: one line for logs and ``metrics.json``.
         image_shape: ``(h, w)`` if each sample is an image (figures show filters as tiles).
         true_features: ``(n, features)`` ground-truth atoms (synthetic data), for MMCS.
+        stream: for a source too large for memory (``shards:DIR``), the
+            :class:`~actsparse.data.shards.ShardStore` that training reads in minibatches; ``x``
+            is then a sample of ``STREAM_SAMPLE`` rows of it.
     """
 
     x: Tensor
     description: str
     image_shape: tuple[int, int] | None = None
     true_features: Tensor | None = None
+    stream: Any = None
 
 
 def load_array(path: str | Path) -> np.ndarray:
@@ -79,17 +93,23 @@ def load_array(path: str | Path) -> np.ndarray:
                 raise ValueError(f"{p} does not hold a tensor")
             arr = obj.float().numpy()
         elif suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.numpy import load_file
 
-            tensors = load_file(str(p))
+            try:
+                tensors = load_file(str(p))
+            except SafetensorError as err:  # not a ValueError: a damaged header, a cut-off file
+                raise OSError(str(err)) from err
             if not tensors:
                 raise ValueError(f"{p} holds no tensors")
             arr = next(iter(tensors.values()))
         elif suffix == ".csv":
-            arr = np.loadtxt(p, delimiter=",", ndmin=2)
+            with warnings.catch_warnings():  # an empty file: the "no samples" error below says it
+                warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+                arr = np.loadtxt(p, delimiter=",", ndmin=2)
         else:
             raise ValueError(f"unsupported data file {p.name}: use .npy, .npz, .pt, .safetensors or .csv")
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # garbage .pt: Unpickling
         if isinstance(err, ValueError) and str(err).startswith(("unsupported", str(p))):
             raise
         raise ValueError(f"cannot read {p}: {err}") from err
@@ -98,6 +118,10 @@ def load_array(path: str | Path) -> np.ndarray:
         raise ValueError(f"{p} must hold a 2-D array (samples, features), got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{p} must hold numbers, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{p} must hold real numbers, got dtype {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{p} holds no samples or no features: shape {arr.shape}")
     return arr
 
 
@@ -170,6 +194,17 @@ def load_data(cfg) -> Dataset:
     elif kind.startswith(TORCHVISION_PREFIX):
         arr, shape = load_torchvision(kind)
         ds = Dataset(torch.from_numpy(arr), f"{arr.shape[0]} samples of {kind}", shape)
+    elif kind.startswith(SHARDS_PREFIX):
+        from .shards import ShardStore, describe_source
+
+        if not kind[len(SHARDS_PREFIX):]:
+            raise ValueError("a shard-store source is shards:DIR, got an empty DIR")
+        store = ShardStore(kind[len(SHARDS_PREFIX):])
+        about = describe_source(store.source)
+        # training streams the store; x is a sample of it for metrics and figures
+        ds = Dataset(store.sample(STREAM_SAMPLE, seed=cfg.seed),
+                     f"{store.n_rows} rows (d={store.d}) of the shard store {store.directory}"
+                     + (f" ({about})" if about else "") + ", streamed", stream=store)
     elif kind.startswith(FOLDER_PREFIX) or (kind and Path(kind).is_dir()):
         folder = kind[len(FOLDER_PREFIX):] if kind.startswith(FOLDER_PREFIX) else kind
         if not folder:
@@ -182,6 +217,13 @@ def load_data(cfg) -> Dataset:
         arr, shape = load_idx(kind)
         ds = Dataset(torch.from_numpy(arr), f"{arr.shape[0]} samples from IDX file {kind}", shape)
     else:
+        if not Path(kind).suffix and not Path(kind).exists():  # a mistyped source name, not a file name
+            import difflib
+
+            close = difflib.get_close_matches(kind, BUILTIN_SOURCES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FileNotFoundError(f"unknown data source {kind!r}{hint}: it is neither one of "
+                                    f"{', '.join(BUILTIN_SOURCES)} nor an existing file or folder")
         arr = load_array(kind)
         side = int(math.isqrt(arr.shape[1]))
         shape = (side, side) if side * side == arr.shape[1] else None

@@ -22,6 +22,7 @@ samples ``(samples, features)`` float32 (unsigned bytes scaled to [0, 1]).
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import zlib
 from pathlib import Path
@@ -97,7 +98,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ValueError(f"{p} is truncated: the header of a {ndim}-D IDX file needs {header} bytes, got {len(buf)}")
     shape = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a garbage header cannot overflow int64
     body = len(buf) - header
     if body < expected:
         raise ValueError(
@@ -129,6 +130,8 @@ def load_idx(path: str | Path) -> tuple[np.ndarray, tuple[int, int] | None]:
             f"{path} holds a 1-D array of {arr.shape[0]} values (labels?), not samples: "
             "use the images file (e.g. train-images-idx3-ubyte)"
         )
+    if arr.size == 0:
+        raise ValueError(f"{path} holds no samples: its shape is {arr.shape}")
     image_shape = (int(arr.shape[1]), int(arr.shape[2])) if arr.ndim == 3 else None
     x = arr.reshape(arr.shape[0], -1)
     if arr.dtype == np.uint8:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .patches import image_patches
+from .patches import check_patch_request, image_patches
 
 __all__ = ["read_grey_image", "load_image_folder", "image_patches", "folder_patches"]
 
@@ -92,6 +92,7 @@ def folder_patches(
     Raises:
         ValueError: as :func:`load_image_folder`, or an image smaller than ``size``×``size``.
     """
+    check_patch_request(n, size, whiten)  # before reading every image
     images, paths = load_image_folder(folder)
     for im, p in zip(images, paths):
         if im.shape[0] < size or im.shape[1] < size:

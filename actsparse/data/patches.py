@@ -83,13 +83,24 @@ def zca_whiten(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
     return p @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
 
 
+def check_patch_request(n: int, size: int, whiten: str) -> None:
+    """Raise ``ValueError`` for a patch count or side that is not a positive int, or an unknown whitening."""
+    for name, v in (("n (the number of patches)", n), ("size (the patch side)", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if whiten not in ("1/f", "zca", "none"):
+        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
+
+
 def image_patches(
     images: list[np.ndarray], n: int, size: int = 8, whiten: str = "1/f", seed: int = 0
 ) -> np.ndarray:
     """``(n, size*size)`` float64 patches of grey ``images``, whitened and normalised as the
     exercise does: in [0.1, 0.9], or unbounded after ZCA (``whiten="zca"``, ε = 0.1 on the patches)."""
-    if whiten not in ("1/f", "zca", "none"):
-        raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
+    check_patch_request(n, size, whiten)
+    for k, im in enumerate(images):
+        if im.shape[0] < size or im.shape[1] < size:
+            raise ValueError(f"image {k} is {im.shape[1]}x{im.shape[0]} pixels, smaller than a {size}x{size} patch")
     if whiten == "1/f":
         images = [whiten_1f(im) for im in images]
     p = sample_patches(images, n, size, seed)

@@ -47,6 +47,10 @@ def make_synthetic(
     for name, v in (("n_samples", n_samples), ("d", d), ("n_features", n_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(active, bool) or not isinstance(active, (int, float)):
+        raise TypeError(f"active (mean active features) must be a number, got {type(active).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 < active <= n_features:
         raise ValueError(f"active (mean active features) must be in (0, n_features={n_features}], got {active!r}")
     g = torch.Generator().manual_seed(seed)

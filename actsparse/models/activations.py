@@ -42,7 +42,18 @@ def _check_k(k: int, name: str = "k") -> int:
     return k
 
 
+def _check_pre(z: Tensor) -> None:
+    """Pre-activations must be a floating-point tensor ``(..., d_sae)`` (shape and dtype only: free)."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"pre-activations must be a tensor (batch, d_sae), got {type(z).__name__}")
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"pre-activations must be a floating-point tensor, got dtype {z.dtype}")
+    if z.dim() == 0:
+        raise ValueError("pre-activations must be (batch, d_sae), got a 0-d tensor")
+
+
 def _check_width(z: Tensor, k: int) -> None:
+    _check_pre(z)
     if k > z.shape[-1]:
         raise ValueError(f"k={k} is larger than the number of hidden units d_sae={z.shape[-1]}")
 
@@ -86,6 +97,10 @@ class BatchTopK(nn.Module):
     def __init__(self, k: int, momentum: float = 0.99) -> None:
         super().__init__()
         self.k = _check_k(k)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
@@ -97,9 +112,12 @@ class BatchTopK(nn.Module):
                 return topk_mask_values(a, self.k)  # never trained: per-sample top-k
             return a * (a > self.threshold)
         flat = a.reshape(-1)
-        n = min(self.k * a.shape[0], flat.numel())
-        values, indices = flat.topk(n, sorted=False)
-        out = torch.zeros_like(flat).scatter(0, indices, values).reshape(a.shape)
+        if self.stats_group is not None:
+            out, values = self._global_select(a)
+        else:
+            n = min(self.k * a.shape[0], flat.numel())
+            values, indices = flat.topk(n, sorted=False)
+            out = torch.zeros_like(flat).scatter(0, indices, values).reshape(a.shape)
         with torch.no_grad():
             positive = values[values > 0]
             if positive.numel():
@@ -109,6 +127,26 @@ class BatchTopK(nn.Module):
                 else:
                     self.threshold.lerp_(smallest, 1 - self.momentum)
         return out
+
+    #: The process group whose global batch the top k·batch is taken over (``None``: this
+    #: process's batch); set by :func:`actsparse.distributed.sync_batch_statistics`.
+    stats_group = None
+
+    def _global_select(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the k·M largest values of the global batch (M samples over all ranks): the global
+        top k·M lie among each rank's own top k·M, so only those candidates are gathered."""
+        from ..distributed import all_gather_padded
+
+        with torch.no_grad():
+            m = torch.tensor(a.shape[0], device=a.device)
+            torch.distributed.all_reduce(m, group=self.stats_group)
+            n = min(self.k * int(m), a.shape[1] * int(m))
+            local = a.reshape(-1).topk(min(n, a.numel()), sorted=False).values
+            candidates = all_gather_padded(local, n, float("-inf"), self.stats_group)
+            kept = candidates.topk(n, sorted=False).values
+            cut = kept.min()
+        out = a * (a >= cut)  # zeros below the cut; a tie at the cut keeps all tied values
+        return out, kept
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
@@ -161,6 +199,10 @@ class JumpReLU(nn.Module):
         return self.log_threshold.exp()
 
     def forward(self, z: Tensor) -> Tensor:
+        _check_pre(z)
+        if z.shape[-1] != self.log_threshold.shape[0]:  # (b, 1) would broadcast silently to (b, d_sae)
+            raise ValueError(f"JumpReLU has d_sae={self.log_threshold.shape[0]} units, got pre-activations of shape "
+                             f"{tuple(z.shape)}")
         return _JumpReLUFn.apply(z, self.threshold.to(z.dtype), self.bandwidth)
 
 
@@ -182,6 +224,10 @@ class KSparse(nn.Module):
 
     def set_progress(self, fraction: float) -> None:
         """Fraction of training done, in [0, 1]; sets the annealed k."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"the training fraction must be a number in [0, 1], got {type(fraction).__name__}")
+        if math.isnan(fraction):
+            raise ValueError("the training fraction must be a number in [0, 1], got nan")
         self.progress = min(max(float(fraction), 0.0), 1.0)
 
     def current_k(self, d_sae: int) -> int:
@@ -222,9 +268,12 @@ def get_activation(name: str, *, d_sae: int, k: int | None = None, **kwargs) -> 
     if cls in (TopK, BatchTopK, KSparse):
         if k is None:
             raise ValueError(f"activation {name!r} needs k (the number of active units)")
+        _check_k(k)
         if k > d_sae:
             raise ValueError(f"k={k} is larger than the number of hidden units d_sae={d_sae}")
         return cls(k, **kwargs)
     if cls is JumpReLU:
         return cls(d_sae, **kwargs)
+    if kwargs:
+        raise TypeError(f"activation {name!r} takes no arguments, got {', '.join(sorted(kwargs))}")
     return cls()

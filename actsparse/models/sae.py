@@ -18,7 +18,7 @@ from ..penalties import Penalty
 from .activations import BatchTopK, JumpReLU, KSparse, TopK, activation_key, get_activation
 from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 
-__all__ = ["ForwardOutput", "SparseAutoencoder", "reconstruction_loss", "squared_error"]
+__all__ = ["ForwardOutput", "SparseAutoencoder", "check_input", "reconstruction_loss", "squared_error"]
 
 Decoder = Literal["linear", "sigmoid"]
 ReconLoss = Literal["half_sse", "mse"]
@@ -37,6 +37,22 @@ def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: ReconLoss) -> Tensor:
     if kind == "half_sse":
         return nn.functional.mse_loss(x_hat, x, reduction="sum") * (0.5 / x.shape[0])
     return nn.functional.mse_loss(x_hat, x)
+
+
+def check_input(x: Tensor, d_in: int, weight: Tensor) -> None:
+    """An autoencoder's input: a floating-point ``(batch, d_in)`` tensor with batch >= 1, in the
+    weights' dtype (unless autocast casts it). Shape and dtype only, no host sync."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != d_in:
+        raise ValueError(f"expected input of shape (batch, {d_in}), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; cast with .float()")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} does not match the model's {weight.dtype}: convert one of them "
+                        f"(x.to({weight.dtype}) or model.to({x.dtype}))")
+    if x.shape[0] == 0:
+        raise ValueError(f"the input is empty (shape {tuple(x.shape)}): a batch needs at least one sample")
 
 
 def squared_error(loss: float, kind: ReconLoss, shape: tuple[int, ...]) -> float:
@@ -275,10 +291,7 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> ForwardOutput:
         """Encode, decode and compute every loss term. ``x``: ``(batch, d_in)``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input must be a tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"expected input of shape (batch, {self.d_in}), got {tuple(x.shape)}")
+        check_input(x, self.d_in, self.W_enc)
         x_in = self._encoder_input(x)
         # the sparse path needs every pre-activation for the top-k, but no graph: its gradient is sparse
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
@@ -316,8 +329,20 @@ class SparseAutoencoder(nn.Module):
             # the fastest column test for every shape measured ((h != 0).any(0) is 5-10x slower, and
             # amax/amin slow on tall (10000, 25) codes)
             fired = h.abs().sum(dim=0) > 0
-        self.samples_since_fired += h.shape[0]
+        batch = h.shape[0]
+        if self.stats_group is not None:  # a unit is alive if it fired on any rank
+            from ..distributed import all_max_
+
+            all_max_(fired, self.stats_group)
+            n = torch.tensor(batch, device=fired.device)
+            torch.distributed.all_reduce(n, group=self.stats_group)
+            batch = int(n)
+        self.samples_since_fired += batch
         self.samples_since_fired.masked_fill_(fired, 0)
+
+    #: The process group over which dead units are counted (``None``: this process); set by
+    #: :func:`actsparse.distributed.sync_batch_statistics` for DDP training.
+    stats_group = None
 
     @property
     def dead_mask(self) -> Tensor:

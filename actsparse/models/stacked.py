@@ -6,13 +6,14 @@ Greedy layer-wise pretraining (UFLDL "Stacked Autoencoders") lives in :mod:`acts
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..penalties import Penalty
-from .sae import ForwardOutput, reconstruction_loss
+from .sae import ForwardOutput, check_input, reconstruction_loss
 
 __all__ = ["StackedAutoencoder"]
 
@@ -39,6 +40,8 @@ class StackedAutoencoder(nn.Module):
                  penalties: Mapping[int, Penalty] | None = None, weight_decay: float = 0.0,
                  recon_loss: str = "mse", device=None, dtype=None) -> None:
         super().__init__()
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+            raise TypeError(f"sizes must be a list of layer widths, e.g. [20, 80, 40, 4]; got {type(sizes).__name__}")
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"sizes must be at least two positive ints, got {sizes!r}")
@@ -48,6 +51,9 @@ class StackedAutoencoder(nn.Module):
             raise ValueError(f"output must be 'linear' or 'sigmoid', got {output!r}")
         if recon_loss not in ("mse", "half_sse"):
             raise ValueError(f"recon_loss must be 'mse' or 'half_sse', got {recon_loss!r}")
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+                or not 0 <= weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         fk = {"device": device, "dtype": dtype}
         self.sizes = sizes
         self.encoder = nn.ModuleList(nn.Linear(a, b, **fk) for a, b in zip(sizes[:-1], sizes[1:]))
@@ -60,6 +66,8 @@ class StackedAutoencoder(nn.Module):
         self.recon_loss = recon_loss
         penalties = dict(penalties or {})
         for i, p in penalties.items():
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"a penalty layer index must be an int (0-based encoder layer), got {i!r}")
             if not 0 <= i < len(self.encoder):
                 raise ValueError(f"penalty layer index {i} out of range 0..{len(self.encoder) - 1}")
             if not isinstance(p, Penalty):
@@ -88,8 +96,7 @@ class StackedAutoencoder(nn.Module):
         return torch.sigmoid(h) if self.output == "sigmoid" else h
 
     def forward(self, x: Tensor) -> ForwardOutput:
-        if x.dim() != 2 or x.shape[1] != self.sizes[0]:
-            raise ValueError(f"expected input of shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        check_input(x, self.sizes[0], self.encoder[0].weight)
         code, penalty = self._encode(x)
         x_hat = self.decode(code)
         recon = reconstruction_loss(x_hat, x, self.recon_loss)
