@@ -352,7 +352,8 @@ def bernoulli_kl(
         target: ρ in (0, 1), a float or a tensor broadcastable to ``rho_hat``.
         rho_hat: ρ̂ ``(units,)`` (any shape works) in [0, 1], e.g. ``mean_activation(a)``.
         reduction: ``"sum"`` over units (the formula, default), ``"mean"``, or ``"none"``.
-        eps: ρ̂ is clamped straight-through into ``[eps, 1 − eps]``: finite value, gradient kept.
+        eps: ρ̂ is clamped straight-through into ``[eps, 1 − eps]``: finite value, gradient kept
+            (the upper end at most the largest float below 1 in the compute dtype).
         check: raise ``ValueError`` for NaN/Inf ρ̂ or ρ̂ outside [0, 1] (one host sync).
 
     Returns:

@@ -362,8 +362,18 @@ class SparseAutoencoder(nn.Module):
         values = torch.relu(self._select(x_in, pre, idx))
         residual = (x - x_hat).detach()
         r_hat = sparse_decode(values, idx, self.atoms)
-        denom = (residual - residual.mean(0)).square().sum().clamp_min(1e-12)
-        return self.auxk_coef * (r_hat - residual).square().sum() / denom
+        if self.stats_group is None:
+            denom = (residual - residual.mean(0)).square().sum().clamp_min(1e-12)
+            return self.auxk_coef * (r_hat - residual).square().sum() / denom
+        # DDP: the residual variance of the global batch (two passes: its mean, then the squares
+        # about it), and the rank's sum scaled by the world size, because DDP averages gradients
+        group = self.stats_group
+        moments = torch.cat([residual.new_tensor([residual.shape[0]]), residual.sum(0)])
+        torch.distributed.all_reduce(moments, group=group)
+        denom = (residual - moments[1:] / moments[0]).square().sum()
+        torch.distributed.all_reduce(denom, group=group)
+        world = torch.distributed.get_world_size(group)
+        return self.auxk_coef * world * (r_hat - residual).square().sum() / denom.clamp_min(1e-12)
 
     def set_progress(self, fraction: float) -> None:
         """Tell schedules (k-sparse annealing) how far training is, in [0, 1]."""
