@@ -138,29 +138,35 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
 @torch.no_grad()
 def evaluate(model: SparseAutoencoder, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Metrics of ``model`` on ``x`` ``(n, d_in)``, in eval mode: reconstruction loss, FVU, L0,
-    ρ̂ (mean over units, target), penalty value, and the fraction of units that never fired."""
+    ρ̂ (mean over units, target), penalty value, and the fraction of units that never fired.
+
+    Memory is one batch's: every metric is accumulated batch by batch (sums in float64), never
+    from the whole ``(n, d_hidden)`` code."""
     was_training = model.training
     model.eval()
-    recon, penalty, n = 0.0, 0.0, 0
-    codes, recons = [], []
     device = next(model.parameters()).device
+    recon = penalty = sse = active = code_sum = 0.0
+    fired = None
     for xb in x.split(batch_size):
-        out = model(xb.to(device))
+        xd = xb.to(device)
+        out = model(xd)
+        code = out.code.to_dense() if isinstance(out.code, SparseCode) else out.code
         recon += float(out.reconstruction_loss) * xb.shape[0]
         penalty += float(out.sparsity_loss) * xb.shape[0]
-        n += xb.shape[0]
-        codes.append((out.code.to_dense() if isinstance(out.code, SparseCode) else out.code).to(x.device))
-        recons.append(out.reconstruction.to(x.device))
+        sse += float((out.reconstruction.double() - xd.double()).square().sum())
+        nonzero = code != 0
+        active += float(nonzero.sum())
+        code_sum += float(code.double().sum())
+        fired = nonzero.any(0) if fired is None else fired | nonzero.any(0)
     model.train(was_training)
-    code, x_hat = torch.cat(codes), torch.cat(recons)
-    rho = code.double().mean(0)
+    n, units = x.shape[0], fired.numel()
     return {
         "reconstruction": recon / n,
         "penalty": penalty / n,
-        "fvu": float(M.fvu(x, x_hat)),
-        "l0": float(M.l0(code)),
-        "mean_activation": float(rho.mean()),
-        "fraction_dead": float((code != 0).sum(0).eq(0).double().mean()),
+        "fvu": sse / max(float(M.total_variance(x)), torch.finfo(torch.float64).tiny),
+        "l0": active / n,
+        "mean_activation": code_sum / (n * units),
+        "fraction_dead": float((~fired).double().mean()),
     }
 
 
