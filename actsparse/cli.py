@@ -350,15 +350,26 @@ def cmd_cache_activations(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "gradcheck": cmd_gradcheck,
+def cmd_report(argv: list[str]) -> int:
+    """``actsparse report RUN``: write ``RUN/report.html``, one self-contained page of the run."""
+    from .report import write_report
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        _load_run(argv, "actsparse report")  # prints the usage for --help, raises it otherwise
+    print(f"wrote {write_report(argv[0])}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "report": cmd_report, "gradcheck": cmd_gradcheck,
             "cache-activations": cmd_cache_activations}
 
 
 def _usage() -> str:
-    return ("usage: actsparse {train,eval,plot,gradcheck,cache-activations} [flags]\n"
+    return ("usage: actsparse {train,eval,plot,report,gradcheck,cache-activations} [flags]\n"
             "  train      train a sparse autoencoder (defaults: the classic CS294A exercise)\n"
             "  eval RUN   recompute a run's metrics on its data\n"
             "  plot RUN   redraw a run's figures\n"
+            "  report RUN write RUN/report.html: config, metrics, figures and units on one page\n"
             "  gradcheck  numerical vs analytic gradient of the classic model in float64\n"
             "  cache-activations  store a transformer layer's activations as shards\n"
             "Run 'actsparse COMMAND --help' for the flags of a command.")

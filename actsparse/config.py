@@ -104,6 +104,10 @@ class TrainConfig:
     """Write PNG figures."""
     progress: bool = True
     """Show a progress bar."""
+    tensorboard: str | None = None
+    """Also log to TensorBoard event files in this folder (``pip install 'actsparse[tensorboard]'``): each
+    logged step's loss terms and metrics, the histogram of ρ̂ per unit and the filter grid every
+    ``--checkpoint-every`` steps and at the end, the config and the final metrics. Default: off."""
     threads: int | None = None
     """CPU threads for torch's operations (default: torch's own choice, every core). On a busy
     machine 1 can be much faster for small models: idle threads spin-wait for busy cores."""
@@ -149,6 +153,10 @@ class TrainConfig:
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                     or self.device.startswith(("cuda:", "mps", "xpu"))):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if isinstance(self.tensorboard, os.PathLike):
+            self.tensorboard = os.fspath(self.tensorboard)
+        if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard):
+            raise ConfigError(f"--tensorboard must be a folder name, got {self.tensorboard!r}")
         if self.on_nan not in ("stop", "rollback"):
             raise ConfigError(f"--on-nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:

@@ -51,6 +51,24 @@ def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Cal
     return update, bar.close
 
 
+def _tensorboard(cfg: TrainConfig, data, model, rank: int):
+    """``(model, logger)`` for ``--tensorboard``: the logger (rank 0 only, else None) reads the weights
+    of the model being trained, so the model is built here and handed to :func:`train`, exactly as
+    ``train`` would build it (seeded with ``cfg.seed``, in the data's dtype: the same run with or
+    without ``--tensorboard``; tests/test_tensorboard.py checks the weights are identical)."""
+    from .tensorboard import TensorBoardLogger
+    from .train import build_model
+
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        d_in = data.stream.d if data.stream is not None else data.x.shape[1]
+        model = build_model(cfg, d_in).to(torch.float32 if data.stream is not None else data.x.dtype)
+    if rank != 0:
+        return model, None
+    return model, TensorBoardLogger(cfg.tensorboard, model, data.x, data.image_shape, cfg.checkpoint_every,
+                                    config=cfg.to_dict())
+
+
 def dictionary_recovery(model, data) -> float | None:
     """MMCS of the model's dictionary against the data's ground truth (synthetic data and a
     one-layer autoencoder), else None."""
@@ -86,6 +104,10 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
 
     rank, world_size = world()
     run_dir = prepare_run_dir(cfg)
+    if cfg.tensorboard is not None:  # a missing package ends the run here, on every rank, before any work
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -108,8 +130,21 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         echo(f"greedy layer-wise pretraining of {len(model.encoder)} layers ...")
         pretrain_greedy(model, data.x, cfg)
     update, close = _progress(cfg, total) if rank == 0 else ((lambda rec: None), (lambda: None))
+    tb = None
+    if cfg.tensorboard is not None:
+        model, tb = _tensorboard(cfg, data, model, rank)
+
+    def on_step(rec: dict) -> None:
+        update(rec)
+        if tb is not None:
+            tb.on_step(rec)
+
     try:
-        result = train(cfg, source, run_dir=run_dir, on_step=update, model=model)
+        result = train(cfg, source, run_dir=run_dir, on_step=on_step, model=model)
+    except BaseException:
+        if tb is not None:
+            tb.close()  # what was logged up to the failure stays readable
+        raise
     finally:
         close()
     if rank != 0:  # rank 0 reports and writes
@@ -123,6 +158,8 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, run_dir / "metrics.json")
+    if tb is not None:
+        tb.close(metrics)
     written = ["config.json", "model.safetensors", "metrics.json", "metrics.jsonl"]
     if cfg.plots:
         from .plots import write_figures

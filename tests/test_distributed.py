@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from actsparse import BernoulliKL, FrequencyKL, L1, PoissonKL
+from actsparse import L1, BernoulliKL, FrequencyKL, PoissonKL
 from actsparse.distributed import sync_batch_statistics
 from actsparse.models import SparseAutoencoder
 

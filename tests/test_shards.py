@@ -56,7 +56,8 @@ def test_round_trip(tmp_path):
     ids = sample[:, 0].long()
     assert len(set(ids.tolist())) == 10 and torch.equal(sample, torch.from_numpy(_rows(100))[ids])
     assert store.sample(1000).shape == (100, 3)
-    assert torch.equal(load_data(SimpleNamespace(data=f"shards:{tmp_path}")).x, store.to_tensor())
+    ds = load_data(SimpleNamespace(data=f"shards:{tmp_path}", seed=0))  # streamed; x samples it (all 100 rows)
+    assert isinstance(ds.stream, ShardStore) and torch.equal(ds.x, store.to_tensor())
 
 
 def test_float16_store(tmp_path):
