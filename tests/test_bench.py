@@ -19,6 +19,8 @@ SCRIPTS = {  # script -> result stem and a key its JSON must have
     "bench_dense_step.py": ("dense_step", "efficiency"),
     "bench_topk_peers.py": ("topk_peers_fused_adam", "ratios"),
     "bench_scaling.py": ("scaling", "crossover"),
+    "bench_stream_rss.py": ("stream_rss", "loop_peak_rss_ratio"),
+    "bench_ddp_scaling.py": ("ddp_scaling", "speedup_over_one_thread"),
 }
 
 
