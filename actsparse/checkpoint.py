@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT", "PREVIOUS", "CheckpointError", "CheckpointWarning", "atomic_write", "write_checkpoint",
+__all__ = ["CHECKPOINT", "PREVIOUS", "CheckpointError", "CheckpointWarning", "atomic_write", "fsync_dir",
+           "write_checkpoint",
            "read_checkpoint", "load_latest", "checkpoint_paths"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,7 +47,8 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was damaged and an older one is used instead."""
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a no-op where a folder cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. a platform without directory file descriptors
@@ -76,7 +78,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
         raise CheckpointError(f"cannot write {path}: {reason}; the previous version, if any, is kept") from err
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _encode(payload: dict[str, Any]) -> bytes:
@@ -110,7 +112,7 @@ def write_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
         kept = current if current.exists() else previous
         raise CheckpointError(f"cannot write {current}: {reason}; the last good checkpoint "
                               f"{kept if kept.exists() else '(none)'} is kept") from err
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return current
 
 

@@ -60,6 +60,18 @@ def fenced_blocks(path: Path) -> list[tuple[str, int, str, bool]]:
     return blocks
 
 
+def doc_blocks(name: str, marker: str) -> list:
+    """The ```python blocks of ``docs/NAME`` whose code contains ``marker``, as ``(line, code)``
+    params: blocks that need an optional extra are skipped here and run by that extra's test."""
+    return [pytest.param(line, code, id=f"{name}:{line}")
+            for lang, line, code, _ in fenced_blocks(DOCS / name) if lang == "python" and marker in code]
+
+
+def run_doc_block(name: str, line: int, code: str) -> None:
+    """Run one block with the Markdown file's line numbers in tracebacks."""
+    exec(compile("\n" * (line - 1) + code, f"docs/{name}", "exec"), {"__name__": "__main__"})
+
+
 def python_blocks() -> list:
     params = []
     for path in DOC_FILES:

@@ -21,6 +21,7 @@ if keras.backend.backend() != "torch":
 
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
+from test_docs import doc_blocks, run_doc_block  # noqa: E402 (tests/ is on sys.path)
 
 import actsparse  # noqa: E402
 from actsparse.integrations import keras as ak  # noqa: E402
@@ -31,20 +32,6 @@ TOL = dict(rtol=1e-6, atol=1e-7)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
-def doc_blocks(marker: str) -> list:
-    """The ```python blocks of docs/integrations.md that use ``marker``: test_docs skips them (they
-    need this extra), so they run here."""
-    from test_docs import DOCS, fenced_blocks  # tests/ is on sys.path under pytest
-
-    return [pytest.param(line, code, id=f"integrations.md:{line}")
-            for lang, line, code, _ in fenced_blocks(DOCS / "integrations.md") if lang == "python" and marker in code]
-
-
-def run_doc_block(line: int, code: str) -> None:
-    exec(compile("\n" * (line - 1) + code, "docs/integrations.md", "exec"), {"__name__": "__main__"})
-
-
-@pytest.fixture(autouse=True, scope="module")
 def _torch_rng_restored():
     """keras.utils.set_random_seed reseeds torch's global generator: give it back afterwards."""
     state = torch.random.get_rng_state()
@@ -238,9 +225,9 @@ def test_argument_errors():
         ak.BernoulliKL(0.1).penalty(torch.ones(5, 3, dtype=torch.int64))
 
 
-@pytest.mark.parametrize(("line", "code"), doc_blocks("integrations.keras"))
+@pytest.mark.parametrize(("line", "code"), doc_blocks("integrations.md", "integrations.keras"))
 def test_docs_examples_run(line, code):
-    run_doc_block(line, code)
+    run_doc_block("integrations.md", line, code)
 
 
 def test_torch_global_state_unchanged_by_keras():

@@ -18,6 +18,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from test_docs import doc_blocks, run_doc_block  # noqa: E402 (tests/ is on sys.path)
 
 import actsparse  # noqa: E402
 from actsparse.integrations.lightning import SparsityCallback  # noqa: E402
@@ -26,19 +27,6 @@ RHO, BETA, LAM = 0.05, 3.0, 1e-3
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
-
-
-def doc_blocks(marker: str) -> list:
-    """The ```python blocks of docs/integrations.md that use ``marker``: test_docs skips them (they
-    need this extra), so they run here."""
-    from test_docs import DOCS, fenced_blocks  # tests/ is on sys.path under pytest
-
-    return [pytest.param(line, code, id=f"integrations.md:{line}")
-            for lang, line, code, _ in fenced_blocks(DOCS / "integrations.md") if lang == "python" and marker in code]
-
-
-def run_doc_block(line: int, code: str) -> None:
-    exec(compile("\n" * (line - 1) + code, "docs/integrations.md", "exec"), {"__name__": "__main__"})
 
 
 def targets():
@@ -176,9 +164,9 @@ def test_only_the_integrations_import_keras_or_lightning():
     assert not offenders
 
 
-@pytest.mark.parametrize(("line", "code"), doc_blocks("integrations.lightning"))
+@pytest.mark.parametrize(("line", "code"), doc_blocks("integrations.md", "integrations.lightning"))
 def test_docs_examples_run(line, code):
-    run_doc_block(line, code)
+    run_doc_block("integrations.md", line, code)
 
 
 def test_no_nan_in_logged_stats(run):

@@ -112,6 +112,7 @@ def test_every_row_once_per_epoch_across_ranks(tmp_path, n, shard_size, world_si
 def test_shuffle_buffer_memory_does_not_grow_with_the_store(tmp_path):
     def peak(n_shards: int) -> int:
         store = _store(tmp_path / str(n_shards), 500 * n_shards, 500, d=32, chunks=(500,))
+        next(iter(store.iter_batches(64, buffer_shards=2)))  # one-time allocations (lazy imports, caches) first
         tracemalloc.start()
         try:
             for _ in store.iter_batches(64, buffer_shards=2):
@@ -122,7 +123,8 @@ def test_shuffle_buffer_memory_does_not_grow_with_the_store(tmp_path):
 
     small, large = peak(4), peak(32)
     shard_bytes = 500 * 32 * 4
-    assert large < 5 * shard_bytes, f"peak {large} bytes for 2-shard buffers of {shard_bytes} bytes"
+    # the 2-shard buffer, its permuted copy (4 shards' bytes), a batch and the leftover rows
+    assert large < 6 * shard_bytes, f"peak {large} bytes for 2-shard buffers of {shard_bytes} bytes"
     assert large < 1.5 * small + shard_bytes, (small, large)
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoint import fsync_dir
+
 __all__ = ["ShardWriter", "ShardStore", "describe_source", "INDEX_NAME", "STORE_DTYPES"]
 
 INDEX_NAME = "index.json"
@@ -70,20 +72,6 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:06d}.npy"
 
 
-def _fsync_dir(path: Path) -> None:
-    # makes the renames durable; not every platform/file system lets a directory be opened
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, write) -> None:
     """Write ``path`` through ``write(file)`` into ``path.tmp``, fsync, rename over ``path``."""
     tmp = path.with_name(path.name + _TMP)
@@ -92,7 +80,7 @@ def _write_atomic(path: Path, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _json_value(value: Any, what: str) -> Any:
