@@ -303,7 +303,12 @@ class FrequencyKL(RatePenalty):
         return self.firing_threshold
 
     def rate(self, a: Tensor) -> Tensor:
-        return F.activation_frequency(a, self.firing_threshold, self.unit_dim, self.bandwidth)
+        rate = F.activation_frequency(a, self.firing_threshold, self.unit_dim, self.bandwidth)
+        if self.check:
+            # a NaN activation compares as "not firing", so the frequency alone would hide it: carry it
+            # into the value (one isnan pass, no extra host sync), where the result's finite check names it
+            rate = rate + torch.where(torch.isnan(a).any(), float("nan"), 0.0)
+        return rate
 
     def divergence(self, rate: Tensor) -> Tensor:
         return F.bernoulli_kl(self.target, rate, eps=self.eps, check=self.check)

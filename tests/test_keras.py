@@ -87,11 +87,14 @@ def test_float64_stays_float64(reg, ref):
 
 
 def test_frequency_with_nan_and_inf_activations_equals_actsparse():
-    """A NaN never fires and an infinite activation always does; neither gets a gradient."""
+    """A NaN never fires and an infinite activation always does; neither gets a gradient. (The
+    PyTorch penalty raises on NaN activations by default; ``check=False`` gives the bare formula.)"""
     a = activations()
     a[3, 5], a[7, 6], a[9, 7] = float("nan"), float("inf"), -float("inf")
     kwargs = dict(weight=2, threshold=0.5, bandwidth=0.2)
-    reg, ref = ak.FrequencyKL(0.1, **kwargs), actsparse.FrequencyKL(0.1, **kwargs)
+    reg, ref = ak.FrequencyKL(0.1, **kwargs), actsparse.FrequencyKL(0.1, check=False, **kwargs)
+    with pytest.raises(ValueError, match="NaN"):
+        actsparse.FrequencyKL(0.1, **kwargs)(a)
     v, g = value_and_grad(reg.penalty, a)
     v_ref, g_ref = value_and_grad(ref, a)
     torch.testing.assert_close(v, v_ref, **TOL)
