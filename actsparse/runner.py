@@ -160,7 +160,8 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     os.replace(tmp, run_dir / "metrics.json")
     if tb is not None:
         tb.close(metrics)
-    written = ["config.json", "model.safetensors", "metrics.json", "metrics.jsonl"]
+    resumable = ["checkpoint.pt"] if (run_dir / "checkpoint.pt").is_file() else []
+    written = ["config.json", "model.safetensors", *resumable, "metrics.json", "metrics.jsonl"]
     if cfg.plots:
         from .plots import write_figures
 
