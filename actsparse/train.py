@@ -570,19 +570,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, *,
 
 
 def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: int, world_size: int,
-                   device: torch.device):
+                   device: torch.device, skip: int = 0):
     """This rank's minibatches of one epoch. ``--batch-size`` is the global batch, drawn the same way
     on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a streamed store) and split
     into ``world_size`` near-equal parts: N processes see exactly the samples one process would,
-    and each reads only its own part."""
+    and each reads only its own part. The first ``skip`` batches (done before a resume) yield
+    ``None`` and read nothing."""
     if isinstance(x, Tensor):
-        for idx in torch.randperm(x.shape[0], generator=g).split(cfg.batch_size):
-            yield x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
+        for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
+            yield None if b < skip else x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
     else:
         import numpy as np
 
-        for ids in x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch):
-            yield x.read_rows(np.array_split(ids, world_size)[rank]).to(device, non_blocking=True)
+        for b, ids in enumerate(x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch)):
+            yield None if b < skip else x.read_rows(np.array_split(ids, world_size)[rank]).to(device,
+                                                                                              non_blocking=True)
 
 
 def _train_minibatch(cfg: TrainConfig, model, forward, x, g: torch.Generator, record, checkpoint, state,
@@ -607,8 +609,9 @@ def _train_minibatch(cfg: TrainConfig, model, forward, x, g: torch.Generator, re
         g.set_state(state["g_epoch"])
     for epoch in range(first_epoch, cfg.epochs):
         g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
-        for b, xb in enumerate(_epoch_batches(x, epoch, g, cfg, rank, world_size, device)):
-            if epoch == first_epoch and b < skip:
+        done = skip if epoch == first_epoch else 0
+        for b, xb in enumerate(_epoch_batches(x, epoch, g, cfg, rank, world_size, device, done)):
+            if b < done:
                 continue
             model.set_progress(step / total)
             out = train_step(model, opt, xb, forward=forward)
