@@ -30,11 +30,15 @@ def _check(name: str, t: object, *, dims: int | None = None, what: str = "") -> 
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def total_variance(x: Tensor) -> Tensor:
-    """``Σ‖x − x̄‖²`` in float64, the denominator of the FVU; x: ``(batch, d_in)``."""
+def total_variance(x: Tensor, chunk: int = 16384) -> Tensor:
+    """``Σ‖x − x̄‖²`` in float64, the denominator of the FVU; x: ``(batch, d_in)``. Two passes (the
+    mean, then the squares about it), ``chunk`` rows at a time, so no float64 copy of a large x."""
     _check("x", x)
-    x = x.double()
-    return (x - x.mean(0)).square().sum()
+    mean = x.sum(0, dtype=torch.float64) / x.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for xb in x.split(chunk):
+        total += (xb.double() - mean).square().sum()
+    return total
 
 
 def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:
