@@ -61,23 +61,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], *, previous: Path | None = None) -> None:
     """Write ``path`` through ``write(tmp)`` on ``path.tmp``, fsync it and rename it into place.
 
-    A reader sees the old file or the complete new one, never half a file. On failure (disk full,
-    permission) the temporary file is removed, the old file is untouched, and a
-    :class:`CheckpointError` names the file and the reason."""
+    A reader sees the old file or the complete new one, never half a file. With ``previous``, the
+    old file is first renamed to it (so the last good version is kept beside the new one). On
+    failure (disk full, permission) the temporary file is removed, the old file is untouched, and
+    a :class:`CheckpointError` names the file and the reason."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)  # a kill right after this: previous is the newest, and complete
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise CheckpointError(f"cannot write {path}: {reason}; the previous version, if any, is kept") from err
+        if previous is None:
+            raise CheckpointError(f"cannot write {path}: {reason}; the previous version, if any, is kept") from err
+        kept = path if path.exists() else previous
+        raise CheckpointError(f"cannot write {path}: {reason}; the last good checkpoint "
+                              f"{kept if kept.exists() else '(none)'} is kept") from err
     fsync_dir(path.parent)
 
 
@@ -96,24 +103,8 @@ def write_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
     back with ``weights_only=True``). Returns the path written."""
     run_dir = Path(run_dir)
     data = _encode(payload)
-    current, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    tmp = current.with_name(current.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if current.exists():
-            os.replace(current, previous)  # a kill right after this: prev is the newest, and complete
-        os.replace(tmp, current)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        kept = current if current.exists() else previous
-        raise CheckpointError(f"cannot write {current}: {reason}; the last good checkpoint "
-                              f"{kept if kept.exists() else '(none)'} is kept") from err
-    fsync_dir(run_dir)
-    return current
+    atomic_write(run_dir / CHECKPOINT, lambda p: p.write_bytes(data), previous=run_dir / PREVIOUS)
+    return run_dir / CHECKPOINT
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .train import TrainResult, train
+from .train import TrainResult, planned_steps, train
 
 __all__ = ["prepare_run_dir", "run_training", "dictionary_recovery"]
 
@@ -49,24 +49,6 @@ def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Cal
         bar.refresh()
 
     return update, bar.close
-
-
-def _tensorboard(cfg: TrainConfig, data, model, rank: int):
-    """``(model, logger)`` for ``--tensorboard``: the logger (rank 0 only, else None) reads the weights
-    of the model being trained, so the model is built here and handed to :func:`train`, exactly as
-    ``train`` would build it (seeded with ``cfg.seed``, in the data's dtype: the same run with or
-    without ``--tensorboard``; tests/test_tensorboard.py checks the weights are identical)."""
-    from .tensorboard import TensorBoardLogger
-    from .train import build_model
-
-    if model is None:
-        torch.manual_seed(cfg.seed)
-        d_in = data.stream.d if data.stream is not None else data.x.shape[1]
-        model = build_model(cfg, d_in).to(torch.float32 if data.stream is not None else data.x.dtype)
-    if rank != 0:
-        return model, None
-    return model, TensorBoardLogger(cfg.tensorboard, model, data.x, data.image_shape, cfg.checkpoint_every,
-                                    config=cfg.to_dict())
 
 
 def dictionary_recovery(model, data) -> float | None:
@@ -115,13 +97,7 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     source = data.stream if data.stream is not None else data.x
     echo(f"data: {data.description} -> {(data.stream.n_rows, data.stream.d) if data.stream else tuple(data.x.shape)}"
          + (f", {world_size} processes" if world_size > 1 else ""))
-    if cfg.optimizer == "lbfgs":
-        total = cfg.iterations
-    elif data.stream is not None:
-        total = cfg.epochs * (data.stream.n_rows // cfg.batch_size)
-    else:
-        n_train = data.x.shape[0] - int(round(cfg.validation * data.x.shape[0]))
-        total = cfg.epochs * -(-n_train // cfg.batch_size)
+    total = planned_steps(cfg, source)
     model = None
     if cfg.model == "stacked" and cfg.pretrain and not cfg.resume:
         from .train import build_model, pretrain_greedy
@@ -131,8 +107,14 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         pretrain_greedy(model, data.x, cfg)
     update, close = _progress(cfg, total) if rank == 0 else ((lambda rec: None), (lambda: None))
     tb = None
-    if cfg.tensorboard is not None:
-        model, tb = _tensorboard(cfg, data, model, rank)
+
+    def on_start(trained: torch.nn.Module) -> None:  # the logger reads the weights of the model being trained
+        nonlocal tb
+        if cfg.tensorboard is not None and rank == 0:
+            from .tensorboard import TensorBoardLogger
+
+            tb = TensorBoardLogger(cfg.tensorboard, trained, data.x, data.image_shape, cfg.checkpoint_every,
+                                   config=cfg.to_dict())
 
     def on_step(rec: dict) -> None:
         update(rec)
@@ -140,7 +122,7 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
             tb.on_step(rec)
 
     try:
-        result = train(cfg, source, run_dir=run_dir, on_step=on_step, model=model)
+        result = train(cfg, source, run_dir=run_dir, on_step=on_step, model=model, on_start=on_start)
     except BaseException:
         if tb is not None:
             tb.close()  # what was logged up to the failure stays readable

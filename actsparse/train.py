@@ -33,8 +33,9 @@ from .models.sae import squared_error
 from .models.sparse_topk import SparseCode
 from .penalties import get_penalty
 
-__all__ = ["build_model", "train", "train_step", "minibatch_optimizer", "pretrain_greedy", "TrainResult", "evaluate",
-           "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "TrainingError", "NonFiniteError"]
+__all__ = ["build_model", "train", "train_step", "planned_steps", "minibatch_optimizer", "pretrain_greedy",
+           "TrainResult", "evaluate", "save_checkpoint", "load_checkpoint", "checkpoint_bytes", "TrainingError",
+           "NonFiniteError"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -84,32 +85,29 @@ class _FiniteGuard:
 
     def __init__(self, distributed: bool = False) -> None:
         self.distributed = distributed  # every rank must stop at the same check, or the others hang
-        self.steps: list[int] = []
-        self.losses: list[Tensor] = []
-        self.terms: list[tuple[Tensor, ...]] = []
+        self.pending: list[tuple[int, tuple[Tensor, ...]]] = []  # (step, terms in _TERMS order)
 
     def update(self, step: int, out) -> None:
-        self.steps.append(step)
-        self.losses.append(out.loss.detach())
-        self.terms.append((out.reconstruction_loss.detach(), out.sparsity_loss.detach(),
-                           out.weight_decay_loss.detach(), out.auxk_loss.detach()))
+        self.pending.append((step, tuple(t.detach() for t in (
+            out.loss, out.reconstruction_loss, out.sparsity_loss, out.weight_decay_loss, out.auxk_loss))))
 
     def check(self) -> None:
-        if not self.losses:
+        """Raise :class:`NonFiniteError` for the first non-finite step since the last check; either
+        way the pending steps are cleared, so the guard can be used again after a rollback."""
+        pending, self.pending = self.pending, []
+        if not pending:
             return
-        losses, steps, terms = self.losses, self.steps, self.terms
-        self.steps, self.losses, self.terms = [], [], []
-        finite = torch.isfinite(torch.stack(losses) if len(losses) > 1 else losses[0])
+        finite = torch.isfinite(torch.stack([terms[0] for _, terms in pending]))
         if self.distributed:  # a step is finite only if it is on every rank
-            flags = finite.reshape(-1).to(torch.uint8)
+            flags = finite.to(torch.uint8)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
             finite = flags.bool()
         if bool(finite.all()):
             return
-        i = int((~finite).reshape(-1).nonzero()[0, 0])
-        values = {k: float(v) for k, v in zip(_TERMS, (losses[i], *terms[i]))}
+        step, terms = pending[int((~finite).nonzero()[0, 0])]
+        values = {k: float(v) for k, v in zip(_TERMS, terms)}
         shown = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
-        raise NonFiniteError(steps[i], values, f"the loss became non-finite at step {steps[i]} ({shown})")
+        raise NonFiniteError(step, values, f"the loss became non-finite at step {step} ({shown})")
 
 
 def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
@@ -309,6 +307,7 @@ def train(
     run_dir: Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     model: torch.nn.Module | None = None,
+    on_start: Callable[[torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train the autoencoder ``cfg`` describes on ``x`` ``(n, d_in)``.
 
@@ -322,6 +321,8 @@ def train(
         on_step: called with each logged record (the CLI's progress bar uses it).
         model: train this model instead of the one ``cfg`` describes (any module whose forward
             returns a :class:`~actsparse.models.ForwardOutput`; e.g. a stack being fine-tuned).
+        on_start: called once with the model about to be trained (on its device, with a resumed
+            run's weights loaded), before the first step; e.g. a logger that reads its weights.
 
     Returns:
         A :class:`TrainResult` with final metrics on the training and validation splits.
@@ -385,6 +386,8 @@ def train(
         last_good = copy.deepcopy(state) if state else {
             "step": 0, "model": copy.deepcopy(model.state_dict()), "optimizer": None,
             "torch_rng": torch.get_rng_state(), "epoch": 0, "batch": 0, "g_epoch": g.get_state()}
+    if on_start is not None:
+        on_start(model)
     log = _RunLog(writer / "metrics.jsonl" if writer is not None else None)
     guard = _FiniteGuard(world_size > 1)
     start = time.perf_counter()
@@ -405,15 +408,15 @@ def train(
         code = out.code.detach()
         dead = getattr(model, "dead_mask", None)
         sse, total = sse_and_total(out, xb)
-        means = [float(out.loss.detach()), float(out.reconstruction_loss.detach()), float(out.sparsity_loss.detach()),
-                 float(out.weight_decay_loss.detach()), float(M.l0(code)), float(code.mean())]
+        means = {"loss": out.loss, "reconstruction": out.reconstruction_loss, "penalty": out.sparsity_loss,
+                 "weight_decay": out.weight_decay_loss, "l0": M.l0(code), "mean_activation": code.mean()}
+        means = {k: float(v.detach()) for k, v in means.items()}
         if world_size > 1:  # the log shows the global batch: means over the ranks' equal shares, summed SSE
-            both = torch.tensor([*means, sse, total], dtype=torch.float64)
+            both = torch.tensor([*means.values(), sse, total], dtype=torch.float64)
             torch.distributed.all_reduce(both)
-            means, (sse, total) = (both[:6] / world_size).tolist(), both[6:].tolist()
-        rec = {"step": step, "loss": means[0], "reconstruction": means[1], "penalty": means[2],
-               "weight_decay": means[3], "fvu": sse / max(total, torch.finfo(torch.float64).tiny),
-               "l0": means[4], "mean_activation": means[5],
+            *values, sse, total = both.tolist()
+            means = {k: v / world_size for k, v in zip(means, values)}
+        rec = {"step": step, **means, "fvu": sse / max(total, torch.finfo(torch.float64).tiny),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - start}
         log.append(rec)
@@ -443,8 +446,8 @@ def train(
                 if cfg.optimizer == "lbfgs":
                     _train_lbfgs(cfg, model, x_train, record, checkpoint, state, guard)
                 else:
-                    _train_minibatch(cfg, model, forward, x_train, g, record, checkpoint, state, guard, lr_scale,
-                                     device)
+                    _train_minibatch(cfg, model, forward, x_train, planned_steps(cfg, x), g, record, checkpoint,
+                                     state, guard, lr_scale, device)
                 break
             except NonFiniteError as err:
                 saved = writer / CHECKPOINT if writer is not None else None
@@ -467,7 +470,6 @@ def train(
                 model.load_state_dict(state["model"])
                 torch.set_rng_state(state["torch_rng"])
                 log.rewind(state["step"])
-                guard = _FiniteGuard()
     finally:
         log.close()
         if world_size > 1:  # from here on each rank works alone (rank 0 evaluates)
@@ -569,36 +571,43 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, *,
     return out
 
 
+def planned_steps(cfg: TrainConfig, x) -> int:
+    """The steps a run of ``cfg`` on ``x`` takes: ``iterations`` for L-BFGS, else ``epochs`` times the
+    batches of the training split (the data less ``validation``) of a tensor, or the whole batches
+    of a streamed store (every rank takes the same steps)."""
+    if cfg.optimizer == "lbfgs":
+        return cfg.iterations
+    if isinstance(x, Tensor):
+        n_train = x.shape[0] - int(round(cfg.validation * x.shape[0]))
+        return cfg.epochs * math.ceil(n_train / cfg.batch_size)
+    if x.n_rows < cfg.batch_size:
+        raise ValueError(f"the store has {x.n_rows} rows: fewer than one batch of {cfg.batch_size}")
+    return cfg.epochs * (x.n_rows // cfg.batch_size)
+
+
 def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: int, world_size: int,
                    device: torch.device, skip: int = 0):
     """This rank's minibatches of one epoch. ``--batch-size`` is the global batch, drawn the same way
     on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a streamed store) and split
     into ``world_size`` near-equal parts: N processes see exactly the samples one process would,
-    and each reads only its own part. The first ``skip`` batches (done before a resume) yield
-    ``None`` and read nothing."""
+    and each reads only its own part. The first ``skip`` batches (done before a resume) are drawn but
+    are not read. Yields ``(batch index, batch)``."""
     if isinstance(x, Tensor):
         for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
-            yield None if b < skip else x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
+            if b >= skip:
+                yield b, x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
     else:
         import numpy as np
 
         for b, ids in enumerate(x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch)):
-            yield None if b < skip else x.read_rows(np.array_split(ids, world_size)[rank]).to(device,
-                                                                                              non_blocking=True)
+            if b >= skip:
+                yield b, x.read_rows(np.array_split(ids, world_size)[rank]).to(device, non_blocking=True)
 
 
-def _train_minibatch(cfg: TrainConfig, model, forward, x, g: torch.Generator, record, checkpoint, state,
-                     guard: _FiniteGuard, lr_scale: float = 1.0, device: torch.device | None = None) -> None:
+def _train_minibatch(cfg: TrainConfig, model, forward, x, total: int, g: torch.Generator, record, checkpoint,
+                     state, guard: _FiniteGuard, lr_scale: float, device: torch.device) -> None:
     rank, world_size = world()
-    device = device if device is not None else torch.device("cpu")
     opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * lr_scale)
-    if isinstance(x, Tensor):
-        steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
-    else:
-        steps_per_epoch = x.n_rows // cfg.batch_size  # whole batches only: every rank takes the same steps
-        if steps_per_epoch == 0:
-            raise ValueError(f"the store has {x.n_rows} rows: fewer than one batch of {cfg.batch_size}")
-    total = cfg.epochs * steps_per_epoch
     step, first_epoch, skip = 0, 0, 0
     if state is not None:
         if state.get("optimizer") is not None:
@@ -610,9 +619,7 @@ def _train_minibatch(cfg: TrainConfig, model, forward, x, g: torch.Generator, re
     for epoch in range(first_epoch, cfg.epochs):
         g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
         done = skip if epoch == first_epoch else 0
-        for b, xb in enumerate(_epoch_batches(x, epoch, g, cfg, rank, world_size, device, done)):
-            if b < done:
-                continue
+        for b, xb in _epoch_batches(x, epoch, g, cfg, rank, world_size, device, done):
             model.set_progress(step / total)
             out = train_step(model, opt, xb, forward=forward)
             step += 1
