@@ -289,60 +289,17 @@ class CacheArgs:
 def cmd_cache_activations(argv: list[str]) -> int:
     """``actsparse cache-activations``: write a shard store of one layer's activations."""
     tyro = _need("tyro")
-    import inspect
-    from pathlib import Path
-
-    import torch
-
-    from .data import activations as act
-    from .data.shards import INDEX_NAME, ShardStore
+    from .data.activations import cache_model_activations
 
     a = _parse(tyro, CacheArgs, args=argv, prog="actsparse cache-activations")
     a.check()
-    device = torch.device(a.device)
     try:
-        model = (act.tiny_gpt2(a.seed, device=device) if a.model == "tiny-gpt2"
-                 else act.load_hf_model(a.model, device=device))
+        store, before = cache_model_activations(
+            a.model, a.layer, a.out, tokens=a.tokens, context=a.context, batch_size=a.batch_size,
+            positions=a.positions, shard_size=a.shard_size, dtype=a.dtype, token_file=a.token_file, bos=a.bos,
+            seed=a.seed, device=a.device, overwrite=a.overwrite, progress=a.progress)
     except ModuleNotFoundError as err:
         raise _MissingExtra(str(err)) from err
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if limit is not None and a.context > limit:
-        raise ValueError(f"--context {a.context} exceeds the model's {limit} positions")
-    n_seq = a.tokens // a.context
-    if a.token_file is None:
-        if vocab is None:
-            raise ValueError(f"{a.model} has no config.vocab_size to draw random tokens from: pass --token-file")
-        inputs = act.random_token_batches(n_seq, a.context, a.batch_size, vocab, seed=a.seed, bos=a.bos)
-        described = f"{n_seq} x {a.context} uniformly random tokens (seed {a.seed})"
-    else:
-        import numpy as np
-
-        path = Path(a.token_file)
-        if path.suffix.lower() != ".npy" or not path.is_file():
-            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-        if vocab is not None and ids.size and int(ids.max()) >= vocab:
-            raise ValueError(f"{path} holds token id {int(ids.max())}, outside the model's vocabulary of {vocab}")
-        inputs = act.token_batches(ids, a.context, a.batch_size, bos=a.bos, max_sequences=n_seq)
-        described = f"{n_seq} x {a.context} tokens of {path}"
-    params = inspect.signature(model.forward).parameters
-    forward_kwargs = {"use_cache": False} if "use_cache" in params else None  # no KV cache to build
-    source = {"checkpoint": a.model, "seed": a.seed if a.model == "tiny-gpt2" else None, "inputs": described,
-              "context": a.context, "bos": a.bos}
-    before = None
-    if (Path(a.out) / INDEX_NAME).is_file() and not a.overwrite:
-        try:
-            before = ShardStore(a.out, allow_incomplete=True, verify=False)
-        except (ValueError, FileNotFoundError):
-            pass  # cache_activations reports it
-    store = act.cache_activations(model, a.layer, inputs, a.out, batch_size=a.batch_size,
-                                  positions=act.parse_positions(a.positions), shard_size=a.shard_size,
-                                  dtype=a.dtype, source=source, forward_kwargs=forward_kwargs,
-                                  overwrite=a.overwrite, progress=a.progress)
     resumed = ("" if before is None else " (already complete)" if before.complete
                else f" (resumed after {before.n_rows} stored rows)")
     print(f"{store.n_rows} rows of {store.source['layer']} (d={store.d}, {store.dtype}) in {store.n_shards} "

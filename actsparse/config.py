@@ -157,8 +157,6 @@ class TrainConfig:
             self.tensorboard = os.fspath(self.tensorboard)
         if self.tensorboard is not None and (not isinstance(self.tensorboard, str) or not self.tensorboard):
             raise ConfigError(f"--tensorboard must be a folder name, got {self.tensorboard!r}")
-        if self.on_nan not in ("stop", "rollback"):
-            raise ConfigError(f"--on-nan must be 'stop' or 'rollback', got {self.on_nan!r}")
         if isinstance(self.max_rollbacks, bool) or not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
             raise ConfigError(f"--max-rollbacks must be an integer >= 0, got {self.max_rollbacks!r}")
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):

@@ -131,6 +131,15 @@ def _check_rho_hat(rho_hat: Tensor, eps: float) -> None:
         check_probability("eps", eps)
 
 
+def check_momentum(momentum: float) -> float:
+    """A moving average's momentum μ: a number in [0, 1) (``TypeError`` / ``ValueError``); returns it as a float."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float in [0, 1), got {type(momentum).__name__}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    return float(momentum)
+
+
 def check_probability(name: str, value: float | Tensor) -> None:
     """Raise ``ValueError`` unless every entry of ``value`` lies strictly inside (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):

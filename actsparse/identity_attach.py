@@ -78,8 +78,7 @@ class KLSparseReg(nn.Module):
         F.check_probability("target", target)
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < float("inf"):
             raise ValueError(f"penalty must be a finite number >= 0, got {penalty!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        F.check_momentum(momentum)
         F.check_probability("eps", eps)
         self.target, self.penalty, self.momentum, self.eps = float(target), float(penalty), float(momentum), float(eps)
         self.register_buffer("moving_avg", torch.empty(0))

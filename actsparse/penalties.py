@@ -149,13 +149,7 @@ class RatePenalty(Penalty):
         super().__init__(weight, unit_dim=unit_dim, check=check)
         self._check_target(target)
         self.target = float(target)
-        if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-                raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}")
-            if not 0.0 <= momentum < 1.0:
-                raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-            momentum = float(momentum)
-        self.momentum = momentum
+        self.momentum = None if momentum is None else F.check_momentum(momentum)
         F.check_probability("eps", eps)
         self.eps = float(eps)
         # Empty until the first batch tells how many units there are.

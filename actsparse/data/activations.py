@@ -23,9 +23,11 @@ functions that need it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -33,11 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from ..attach import find_targets
-from .shards import ShardStore, ShardWriter
+from .shards import INDEX_NAME, ShardStore, ShardWriter
 
 __all__ = [
     "Positions", "collect_activations", "cache_activations", "resolve_layer", "parse_positions", "position_mask",
-    "token_batches", "random_token_batches", "tiny_gpt2", "load_hf_model",
+    "token_batches", "random_token_batches", "tiny_gpt2", "load_hf_model", "cache_model_activations",
 ]
 
 #: ``"all"``, ``"last"``, ``"drop_first"`` (drop the first real token of each sequence, e.g. BOS),
@@ -572,3 +574,70 @@ def cache_activations(
     finally:
         bar.close()
     return ShardStore(out_dir)
+
+
+def cache_model_activations(
+    checkpoint: str,
+    layer: str,
+    out_dir: str | os.PathLike,
+    *,
+    tokens: int = 65_536,
+    context: int = 128,
+    batch_size: int = 32,
+    positions: str | Positions = "all",
+    shard_size: int = 65_536,
+    dtype: str = "float32",
+    token_file: str | os.PathLike | None = None,
+    bos: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[ShardStore, ShardStore | None]:
+    """What ``actsparse cache-activations`` runs: load ``checkpoint`` (``"tiny-gpt2"``: :func:`tiny_gpt2`
+    seeded by ``seed``; else :func:`load_hf_model`), feed it ``tokens // context`` sequences
+    (uniformly random ids, or those of the 1-D ``.npy`` array ``token_file``, each led by ``bos`` if
+    given), and :func:`cache_activations` of ``layer`` into ``out_dir``.
+
+    Returns:
+        The store, and the store that was in ``out_dir`` before (``None`` if there was none), so a
+        caller can say whether the run resumed or found the store complete.
+    """
+    device = torch.device(device)
+    model = tiny_gpt2(seed, device=device) if checkpoint == "tiny-gpt2" else load_hf_model(checkpoint, device=device)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        raise ValueError(f"--context {context} exceeds the model's {limit} positions")
+    n_seq = tokens // context
+    if token_file is None:
+        if vocab is None:
+            raise ValueError(f"{checkpoint} has no config.vocab_size to draw random tokens from: pass --token-file")
+        inputs = random_token_batches(n_seq, context, batch_size, vocab, seed=seed, bos=bos)
+        described = f"{n_seq} x {context} uniformly random tokens (seed {seed})"
+    else:
+        path = Path(token_file)
+        if path.suffix.lower() != ".npy" or not path.is_file():
+            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
+        if vocab is not None and ids.size and int(ids.max()) >= vocab:
+            raise ValueError(f"{path} holds token id {int(ids.max())}, outside the model's vocabulary of {vocab}")
+        inputs = token_batches(ids, context, batch_size, bos=bos, max_sequences=n_seq)
+        described = f"{n_seq} x {context} tokens of {path}"
+    forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else None
+    source = {"checkpoint": checkpoint, "seed": seed if checkpoint == "tiny-gpt2" else None, "inputs": described,
+              "context": context, "bos": bos}
+    before = None
+    if (Path(out_dir) / INDEX_NAME).is_file() and not overwrite:
+        try:
+            before = ShardStore(out_dir, allow_incomplete=True, verify=False)
+        except (ValueError, FileNotFoundError):
+            pass  # cache_activations reports it
+    store = cache_activations(model, layer, inputs, out_dir, batch_size=batch_size,
+                              positions=parse_positions(positions) if isinstance(positions, str) else positions,
+                              shard_size=shard_size, dtype=dtype, source=source, forward_kwargs=forward_kwargs,
+                              overwrite=overwrite, progress=progress)
+    return store, before

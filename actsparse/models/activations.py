@@ -97,11 +97,7 @@ class BatchTopK(nn.Module):
     def __init__(self, k: int, momentum: float = 0.99) -> None:
         super().__init__()
         self.k = _check_k(k)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = F.check_momentum(momentum)
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
     def forward(self, z: Tensor) -> Tensor:

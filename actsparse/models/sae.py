@@ -329,14 +329,13 @@ class SparseAutoencoder(nn.Module):
             # the fastest column test for every shape measured ((h != 0).any(0) is 5-10x slower, and
             # amax/amin slow on tall (10000, 25) codes)
             fired = h.abs().sum(dim=0) > 0
-        batch = h.shape[0]
+        batch: int | Tensor = h.shape[0]
         if self.stats_group is not None:  # a unit is alive if it fired on any rank
             from ..distributed import all_max_
 
             all_max_(fired, self.stats_group)
-            n = torch.tensor(batch, device=fired.device)
-            torch.distributed.all_reduce(n, group=self.stats_group)
-            batch = int(n)
+            batch = torch.tensor(batch, device=fired.device, dtype=self.samples_since_fired.dtype)
+            torch.distributed.all_reduce(batch, group=self.stats_group)  # the global batch, kept on the device
         self.samples_since_fired += batch
         self.samples_since_fired.masked_fill_(fired, 0)
 
