@@ -18,13 +18,15 @@ gradient of the one-process loss (``_AllSum``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["world", "is_distributed", "all_sum", "global_mean", "all_max_", "all_gather_padded",
-           "sync_batch_statistics", "local_batch_statistics", "init_from_env"]
+           "sync_batch_statistics", "local_batch_statistics", "local_statistics", "init_from_env"]
 
 
 def is_distributed() -> bool:
@@ -123,6 +125,20 @@ def local_batch_statistics(model: nn.Module) -> int:
     """Undo :func:`sync_batch_statistics`: statistics over this process's batch again (e.g. for
     evaluation on one rank after training, when the other ranks no longer take part)."""
     return _set_group(model, None)
+
+
+@contextlib.contextmanager
+def local_statistics(model: nn.Module) -> Iterator[None]:
+    """For the duration, batch statistics of this process only, then the groups set before: for a
+    pass that one rank makes alone (evaluation, a logger's sample), which must not wait for the others."""
+    saved = [(m, m.stats_group) for m in model.modules() if getattr(m, "stats_group", None) is not None]
+    for m, _ in saved:
+        m.stats_group = None
+    try:
+        yield
+    finally:
+        for m, group in saved:
+            m.stats_group = group
 
 
 def _set_group(model: nn.Module, group) -> int:

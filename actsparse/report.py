@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .train import unit_statistics as unit_stats  # ρ̂ and firing per unit, from evaluate's pass
+
 __all__ = ["write_report", "unit_stats", "REPORT_NAME"]
 
 #: File name of the page inside the run folder.
@@ -61,32 +63,6 @@ METRIC_NOTES = {
 
 
 @torch.no_grad()
-def unit_stats(model: torch.nn.Module, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """ρ̂_j (the mean activation) and the firing fraction (share of samples where unit j ≠ 0) of
-    each unit of ``model``'s code on ``x`` ``(n, d_in)``, in eval mode, batch by batch (memory of
-    one batch; sums in float64). Returns two ``(d_sae,)`` float64 tensors on the CPU. A unit is dead
-    on ``x`` where its firing fraction is 0, as in :func:`actsparse.train.evaluate`."""
-    from .models.sparse_topk import SparseCode, unit_sums
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = fired = None
-    try:
-        for xb in x.split(batch_size):
-            code = model(xb.to(device)).code
-            if isinstance(code, SparseCode):
-                s = unit_sums(code.indices, code.values.double(), code.d_sae)
-                f = unit_sums(code.indices, (code.values != 0).double(), code.d_sae)
-            else:
-                s, f = code.double().sum(0), (code != 0).double().sum(0)
-            sums, fired = (s, f) if sums is None else (sums + s, fired + f)
-    finally:
-        model.train(was_training)
-    n = x.shape[0]
-    return (sums / n).cpu(), (fired / n).cpu()
-
-
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 

@@ -21,10 +21,9 @@ that a smaller step supersedes).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,20 +86,6 @@ def _filters(model: nn.Module) -> Tensor | None:
     return None
 
 
-@contextlib.contextmanager
-def _local_statistics(model: nn.Module) -> Iterator[None]:
-    """Batch statistics of this process only (``stats_group`` None) for the duration: under
-    torchrun only rank 0 runs the sample forward, which must not wait for the other ranks."""
-    saved = [(m, m.stats_group) for m in model.modules() if getattr(m, "stats_group", None) is not None]
-    for m, _ in saved:
-        m.stats_group = None
-    try:
-        yield
-    finally:
-        for m, group in saved:
-            m.stats_group = group
-
-
 class TensorBoardLogger:
     """Writes a run's scalars, ρ̂ histograms, filter images, config and final metrics to
     TensorBoard event files in ``log_dir`` (see the module docstring for the tags).
@@ -131,21 +116,12 @@ class TensorBoardLogger:
         if config is not None:
             self.writer.add_text("config", _as_markdown_json(config), 0)
 
-    @torch.no_grad()
     def rho_hat(self) -> Tensor:
-        """ρ̂_j, the mean of hidden unit j over the sample, ``(d_hidden,)`` float64, from one eval-mode
-        forward (in chunks of 1,024 rows; the model's mode is restored)."""
-        model = self.model
-        p = next(model.parameters())
-        was_training = model.training
-        model.eval()
-        try:
-            with _local_statistics(model):
-                total = sum(model.encode(xb.to(p.device, p.dtype)).double().sum(0).cpu()
-                            for xb in self.sample.split(1024))
-        finally:
-            model.train(was_training)
-        return total / self.sample.shape[0]
+        """ρ̂_j, the mean of hidden unit j over the sample, ``(d_hidden,)`` float64 (eval mode, this
+        process's statistics only: under torchrun only rank 0 runs it)."""
+        from .train import unit_statistics
+
+        return unit_statistics(self.model, self.sample)[0]
 
     def snapshot(self, step: int) -> None:
         """Log the ρ̂ histogram and (image data) the filter grid at ``step``."""
