@@ -44,7 +44,6 @@ is ``apply_b_dec_to_input`` / not ``transcode``; a JumpReLU threshold is stored 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -425,20 +424,16 @@ def save_saelens(model: SparseAutoencoder, path: str | Path, *, metadata: dict[s
 
 
 # ---------------------------------------------------------------------------------------- both
-def _atomic(file: Path, write) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, file)  # a reader sees the old file or the new one, never half of one
-
-
 def _write(path: Path, cfg_name: str, cfg: dict[str, Any], weights_name: str, tensors: dict[str, Tensor]) -> Path:
     from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write  # a reader sees the old file or the new one, never half of one
 
     path.mkdir(parents=True, exist_ok=True)
     # own, contiguous CPU copies: safetensors refuses views that share storage (a tied W_dec = W_enc)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(path / weights_name, lambda p: save_file(state, str(p)))
-    _atomic(path / cfg_name, lambda p: p.write_text(json.dumps(cfg)))
+    atomic_write(path / weights_name, lambda p: save_file(state, str(p)))
+    atomic_write(path / cfg_name, lambda p: p.write_text(json.dumps(cfg)))
     return path
 
 

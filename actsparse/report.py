@@ -18,7 +18,6 @@ import base64
 import html
 import json
 import math
-import os
 import struct
 import time
 from pathlib import Path
@@ -329,8 +328,8 @@ def write_report(run_dir: str | Path) -> Path:
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)}</title><style>{CSS}</style><script>{SCRIPT}</script></head>\n"
             f"<body><main>\n{chr(10).join(parts)}\n</main></body></html>\n")
+    from .checkpoint import atomic_write
+
     out = run_dir / REPORT_NAME
-    tmp = run_dir / f".{REPORT_NAME}.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, lambda p: p.write_text(page, encoding="utf-8"))
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
 from .config import TrainConfig
 from .train import TrainResult, planned_steps, train
 
@@ -137,9 +138,7 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         metrics["mmcs"] = recovery
         echo(f"dictionary recovery: MMCS {recovery:.3f} over {data.true_features.shape[0]} true features")
     metrics["total_seconds"] = time.perf_counter() - t0
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
+    atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     if tb is not None:
         tb.close(metrics)
     resumable = ["checkpoint.pt"] if (run_dir / "checkpoint.pt").is_file() else []
