@@ -136,14 +136,20 @@ def find_targets(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]
     )
 
 
-def _first_tensor(output: object, name: str) -> Tensor:
+def first_tensor(output: object, name: str, action: str = "penalise") -> Tensor:
+    """The activation a module's ``output`` stands for: the tensor itself, the first item of a
+    tuple (``nn.LSTM``, Hugging Face blocks before transformers 5), or a sub-model's
+    ``last_hidden_state``. ``action`` names what the caller does with it, for the error."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]  # e.g. nn.LSTM: (output, (h, c))
+    first = getattr(output, "last_hidden_state", None)  # a ModelOutput of a whole sub-model
+    if isinstance(first, Tensor):
+        return first
     raise TypeError(
-        f"cannot penalise the output of {name!r}: expected a tensor (or a tuple whose first item "
-        f"is one), got {type(output).__name__}. Attach to a submodule that returns a tensor."
+        f"cannot {action} the output of {name!r}: expected a tensor (or a tuple whose first item "
+        f"is one), got {type(output).__name__}. Choose a submodule that returns a tensor."
     )
 
 
@@ -290,7 +296,7 @@ class Attachment:
                 # first such call after a model forward or after penalty() was read.
                 self._clear()
                 self._direct = True
-            a = _first_tensor(output, h.name)
+            a = first_tensor(output, h.name)
             penalty = h.penalty
             if penalty.training != module.training:
                 penalty.train(module.training)

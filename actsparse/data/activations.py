@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..attach import find_targets
+from ..attach import find_targets, first_tensor
 from .shards import INDEX_NAME, ShardStore, ShardWriter
 
 __all__ = [
@@ -298,7 +298,7 @@ def _forward_one(model: nn.Module, module: nn.Module, name: str, batch: Tensor |
     captured: list[Tensor] = []
 
     def hook(mod: nn.Module, args: object, output: object) -> None:
-        captured.append(_select(_first_tensor(output, name), positions, mask, dtype))
+        captured.append(_select(first_tensor(output, name, "collect"), positions, mask, dtype))
         if stop_early:
             raise _Stop
 
@@ -319,18 +319,6 @@ def _forward_one(model: nn.Module, module: nn.Module, name: str, batch: Tensor |
         why = "did not run in the forward" if not captured else f"ran {len(captured)} times in one forward"
         raise ValueError(f"the layer {name!r} {why}; collect from a module that runs once per forward")
     return captured[0]
-
-
-def _first_tensor(output: object, name: str) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]  # Hugging Face blocks (transformers < 5), nn.LSTM
-    first = getattr(output, "last_hidden_state", None)  # a ModelOutput of a whole sub-model
-    if isinstance(first, Tensor):
-        return first
-    raise TypeError(f"cannot collect the output of {name!r}: expected a tensor (or a tuple whose first item is "
-                    f"one), got {type(output).__name__}")
 
 
 def _select(a: Tensor, positions: Positions, mask: Tensor | None, dtype: torch.dtype | None) -> Tensor:
