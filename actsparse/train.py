@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -23,55 +21,28 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .checkpoint import CHECKPOINT, atomic_write, load_latest, write_checkpoint
+from .build import build_model, resolve_device
+from .checkpoint import CHECKPOINT
 from .config import TrainConfig
 from .data import STREAM_SAMPLE
 from .distributed import local_batch_statistics, sync_batch_statistics, world
+from .errors import NonFiniteError, TrainingError, TrainingWarning
+from .evaluation import evaluate, unit_statistics
 from .lbfgs import LBFGS
-from .models import SparseAutoencoder, StackedAutoencoder
+from .models import SparseAutoencoder
 from .models.sae import squared_error
-from .models.sparse_topk import SparseCode
-from .penalties import get_penalty
+from .run_files import (
+    check_free_space,
+    check_weights_finite,
+    checkpoint_bytes,
+    load_checkpoint,
+    load_resume_state,
+    save_checkpoint,
+)
 
-__all__ = ["build_model", "train", "train_step", "planned_steps", "minibatch_optimizer", "pretrain_greedy",
+__all__ = ["build_model", "resolve_device", "train", "train_step", "planned_steps", "minibatch_optimizer", "pretrain_greedy",
            "TrainResult", "evaluate", "unit_statistics", "save_checkpoint", "load_checkpoint", "checkpoint_bytes",
            "TrainingError", "NonFiniteError"]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if available (under torchrun, the process's ``LOCAL_RANK`` device), else CPU;
-    or any name ``torch.device`` takes."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch has no CUDA device")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message names the step."""
-
-
-class TrainingWarning(UserWarning):
-    """Training went on after a recoverable problem (e.g. a rollback after a NaN)."""
-
-
-class NonFiniteError(TrainingError):
-    """The loss or the weights became NaN/Inf.
-
-    Attributes:
-        step: the first step whose loss was not finite.
-        terms: the loss terms at that step (``loss``, ``reconstruction``, ``penalty``,
-            ``weight_decay``, ``auxk``), as floats.
-    """
-
-    def __init__(self, step: int, terms: dict[str, float], message: str) -> None:
-        super().__init__(message)
-        self.step, self.terms = step, terms
 
 
 _TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
@@ -108,167 +79,6 @@ class _FiniteGuard:
         values = {k: float(v) for k, v in zip(_TERMS, terms)}
         shown = ", ".join(f"{k} {v:.6g}" for k, v in values.items())
         raise NonFiniteError(step, values, f"the loss became non-finite at step {step} ({shown})")
-
-
-def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
-    """The autoencoder a config describes, for inputs of size ``d_in``: a
-    :class:`~actsparse.models.SparseAutoencoder`, or a :class:`~actsparse.models.StackedAutoencoder`
-    for ``model="stacked"``."""
-    penalty = None
-    if cfg.penalty is not None:
-        kwargs: dict[str, Any] = {"weight": cfg.weight}
-        if cfg.penalty.lower().replace("-", "_") in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
-            kwargs["target"] = cfg.target
-        penalty = get_penalty(cfg.penalty, **kwargs)
-    recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
-    if cfg.model == "stacked":
-        sizes = [d_in, *cfg.sizes]
-        return StackedAutoencoder(sizes, cfg.activation, output=cfg.decoder, weight_decay=cfg.weight_decay,
-                                  recon_loss=recon, penalties={len(sizes) - 2: penalty} if penalty else None)
-    modern = cfg.activation in ("topk", "batchtopk", "jumprelu")
-    return SparseAutoencoder(
-        d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
-        weight_decay=cfg.weight_decay, recon_loss=recon,
-        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl", auxk=cfg.auxk, decode=cfg.decode,
-    )
-
-
-@torch.no_grad()
-def _eval_pass(model: torch.nn.Module, x: Tensor, batch_size: int) -> tuple[dict[str, float], Tensor, Tensor]:
-    """One eval-mode pass over ``x`` in batches (memory of one batch, sums in float64, statistics of
-    this process only): the metrics of :func:`evaluate`, and ρ̂ and the firing fraction per unit,
-    from which L0, the mean activation and the dead fraction follow."""
-    from .distributed import local_statistics
-    from .models.sparse_topk import unit_sums
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    recon = penalty = sse = 0.0
-    sums = counts = None
-    try:
-        with local_statistics(model):
-            for xb in x.split(batch_size):
-                xd = xb.to(device)
-                out = model(xd)
-                recon += float(out.reconstruction_loss) * xb.shape[0]
-                penalty += float(out.sparsity_loss) * xb.shape[0]
-                sse += float((out.reconstruction.double() - xd.double()).square().sum())
-                code = out.code
-                if isinstance(code, SparseCode):
-                    s = unit_sums(code.indices, code.values.double(), code.d_sae)
-                    c = unit_sums(code.indices, (code.values != 0).double(), code.d_sae)
-                else:
-                    s, c = code.double().sum(0), (code != 0).double().sum(0)
-                sums, counts = (s, c) if sums is None else (sums + s, counts + c)
-    finally:
-        model.train(was_training)
-    n = x.shape[0]
-    rho, firing = sums / n, counts / n
-    metrics = {
-        "reconstruction": recon / n,
-        "penalty": penalty / n,
-        "fvu": sse / max(float(M.total_variance(x)), torch.finfo(torch.float64).tiny),
-        "l0": float(firing.sum()),
-        "mean_activation": float(rho.mean()),
-        "fraction_dead": float((firing == 0).double().mean()),
-    }
-    return metrics, rho, firing
-
-
-def evaluate(model: torch.nn.Module, x: Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Metrics of ``model`` on ``x`` ``(n, d_in)``, in eval mode: reconstruction loss, FVU, L0,
-    ρ̂ (mean over units, target), penalty value, and the fraction of units that never fired.
-    Memory is one batch's: nothing of size ``(n, d_hidden)`` is kept."""
-    return _eval_pass(model, x, batch_size)[0]
-
-
-def unit_statistics(model: torch.nn.Module, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """ρ̂_j (the mean activation) and the firing fraction (share of samples where unit j ≠ 0) of each
-    unit of ``model``'s code on ``x`` ``(n, d_in)``, from the pass of :func:`evaluate`: two
-    ``(d_hidden,)`` float64 tensors on the CPU. A unit is dead on ``x`` where its firing fraction is 0."""
-    _, rho, firing = _eval_pass(model, x, batch_size)
-    return rho.cpu(), firing.cpu()
-
-
-def checkpoint_bytes(model: torch.nn.Module, optimizer: str) -> int:
-    """An upper estimate of the disk space a run's checkpoints take: the resumable checkpoint
-    (weights + optimiser state), the previous one and the one being written, plus the exported
-    ``model.safetensors``. L-BFGS keeps 100 (s, y) pairs of parameter-sized vectors."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    n += sum(b.numel() * b.element_size() for b in model.buffers())
-    state = {"adam": 2, "sgd": 0, "lbfgs": 2 * 100 + 2}.get(optimizer, 2) * n
-    return 3 * (n + state) + n
-
-
-def _check_weights_finite(model: torch.nn.Module, step: int) -> None:
-    params = [p.detach() for p in model.parameters()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        raise NonFiniteError(step, {}, f"the weights became non-finite at step {step} ({', '.join(bad)})")
-
-
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d_in: int,
-                    trainer_state: dict[str, Any] | None = None) -> None:
-    """Write the run's files into ``run_dir``, each one atomically.
-
-    * ``checkpoint.pt`` (when ``trainer_state`` is given: the step, optimiser and RNG states): the
-      one resumable file, with the weights inside, verified by a SHA-256 in its header; the one it
-      replaces is kept as ``checkpoint.prev.pt`` (:mod:`actsparse.checkpoint`).
-    * ``model.safetensors`` and ``config.json``: the latest weights and the config, for
-      :func:`load_checkpoint`, ``actsparse eval`` and other tools.
-
-    Weights that are not finite are never written: :class:`NonFiniteError` is raised instead,
-    and the last good checkpoint stays in place."""
-    from safetensors.torch import save_file
-
-    step = int(trainer_state["step"]) if trainer_state else None
-    _check_weights_finite(model, -1 if step is None else step)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    cfg_dict = cfg.to_dict() | {"d_in": d_in}
-    if trainer_state is not None:
-        write_checkpoint(run_dir, {**trainer_state, "model": state, "config": json.dumps(cfg_dict)})
-    meta = {"step": "final" if step is None else str(step)}
-    atomic_write(run_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata=meta))
-    atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(cfg_dict, indent=2) + "\n"))
-
-
-def _load_resume_state(run_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """The newest checkpoint of an interrupted run that verifies (see :func:`~actsparse.checkpoint.load_latest`),
-    with its weights loaded into ``model``."""
-    found = load_latest(run_dir)
-    if found is None:
-        raise ValueError(f"cannot resume from {run_dir}: it holds no {CHECKPOINT} (was it written by an older "
-                         f"actsparse, or with --checkpoint-every 0 and stopped before the end?)")
-    state, path = found
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"cannot resume from {path}: its weights do not fit this model ({err})") from err
-    return state
-
-
-def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig]:
-    """Rebuild the model of a run folder from its ``config.json`` and ``model.safetensors``."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    for name in ("config.json", "model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} an actsparse run folder?")
-    try:
-        values = json.loads((run_dir / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run_dir / 'config.json'} is not valid JSON: {err}") from err
-    d_in = int(values.pop("d_in"))
-    cfg = TrainConfig(**values)
-    model = build_model(cfg, d_in)
-    weights = run_dir / "model.safetensors"
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as err:  # safetensors' own error for a truncated header, or a shape mismatch
-        raise ValueError(f"cannot load {weights}: {err}") from err
-    return model, cfg
 
 
 @dataclass
@@ -314,13 +124,6 @@ class _RunLog:
             self._file.close()
             self._file = None
 
-
-def _check_free_space(run_dir: Path, model: torch.nn.Module, optimizer: str) -> None:
-    need = checkpoint_bytes(model, optimizer) + 16 * 2**20  # and room for the log and the figures
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise OSError(f"only {free / 2**20:.1f} MiB free in {run_dir}; this run's checkpoints need about "
-                      f"{need / 2**20:.0f} MiB (free some space or choose another --out)")
 
 
 def train(
@@ -394,8 +197,8 @@ def train(
     model = model.to(device)
     writer = run_dir if rank == 0 else None  # only rank 0 writes files
     if writer is not None:
-        _check_free_space(writer, model, cfg.optimizer)
-    state = _load_resume_state(run_dir, model) if cfg.resume and run_dir is not None else None
+        check_free_space(writer, model, cfg.optimizer)
+    state = load_resume_state(run_dir, model) if cfg.resume and run_dir is not None else None
     forward = model
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -458,7 +261,7 @@ def train(
         if writer is not None:
             save_checkpoint(writer, model, cfg, d_in, payload)
         else:
-            _check_weights_finite(model, step)
+            check_weights_finite(model, step)
         if cfg.on_nan == "rollback":  # a copy: the optimiser's state tensors change in place
             last_good = copy.deepcopy(payload | {"model": model.state_dict()})
 

@@ -1,0 +1,51 @@
+"""The model and the device a :class:`~actsparse.config.TrainConfig` describes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .models import SparseAutoencoder, StackedAutoencoder
+from .penalties import get_penalty
+
+__all__ = ["build_model", "resolve_device"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if available (under torchrun, the process's ``LOCAL_RANK`` device), else CPU;
+    or any name ``torch.device`` takes."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
+    """The autoencoder a config describes, for inputs of size ``d_in``: a
+    :class:`~actsparse.models.SparseAutoencoder`, or a :class:`~actsparse.models.StackedAutoencoder`
+    for ``model="stacked"``."""
+    penalty = None
+    if cfg.penalty is not None:
+        kwargs: dict[str, Any] = {"weight": cfg.weight}
+        if cfg.penalty.lower().replace("-", "_") in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
+            kwargs["target"] = cfg.target
+        penalty = get_penalty(cfg.penalty, **kwargs)
+    recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
+    if cfg.model == "stacked":
+        sizes = [d_in, *cfg.sizes]
+        return StackedAutoencoder(sizes, cfg.activation, output=cfg.decoder, weight_decay=cfg.weight_decay,
+                                  recon_loss=recon, penalties={len(sizes) - 2: penalty} if penalty else None)
+    modern = cfg.activation in ("topk", "batchtopk", "jumprelu")
+    return SparseAutoencoder(
+        d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
+        weight_decay=cfg.weight_decay, recon_loss=recon,
+        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl", auxk=cfg.auxk, decode=cfg.decode,
+    )
