@@ -195,12 +195,14 @@ class LBFGS:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit (the pairs, γ, the current value and gradient)."""
-        used = self.order
-        return {"kind": "actsparse.LBFGS", "history": self.history, "s": self.s[used].clone(),
-                "y": self.y[used].clone(), "a": self.a[used][:, used].clone(), "gamma": self.gamma,
-                "f": self.f, "g": None if self.g is None else self.g.clone(), "iterations": self.iterations,
-                "evaluations": self.evaluations}
+        """Everything needed to continue bit for bit: the pairs *in their slots* with the slot order
+        (the products over pairs sum in slot order, so reordering the slots on load would change the
+        rounding), γ, the current value and gradient."""
+        m = len(self.order)  # the used slots are 0..m-1
+        return {"kind": "actsparse.LBFGS", "history": self.history, "s": self.s[:m].clone(),
+                "y": self.y[:m].clone(), "a": self.a[:m, :m].clone(), "order": list(self.order),
+                "gamma": self.gamma, "f": self.f, "g": None if self.g is None else self.g.clone(),
+                "iterations": self.iterations, "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "actsparse.LBFGS":
@@ -210,7 +212,11 @@ class LBFGS:
         if m > self.history or state["s"].shape[1] != self.s.shape[1]:
             raise ValueError(f"the saved L-BFGS state has {m} pairs of size {state['s'].shape[1]}; this optimiser "
                              f"keeps {self.history} pairs of size {self.s.shape[1]}")
-        self.order = list(range(m))
+        # older checkpoints stored the pairs oldest first, without "order"
+        order = [int(i) for i in state.get("order", range(m))]
+        if sorted(order) != list(range(m)):
+            raise ValueError(f"the saved L-BFGS state is inconsistent: slot order {order} for {m} pairs")
+        self.order = order
         self.s[:m], self.y[:m] = state["s"], state["y"]
         self.a[:m, :m] = state["a"]
         self.gamma, self.f, self.g = state["gamma"], state["f"], state["g"]
