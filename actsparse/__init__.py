@@ -8,24 +8,57 @@ Pure functions live in :mod:`actsparse.functional`; penalty objects, :func:`atta
 :func:`regularize` and :class:`KLSparseReg` are exported here.
 """
 
-from . import functional
-from .attach import Attachment, TargetStats, attach, find_targets, regularize
-from .diagnose import GradientReport, gradient_report
-from .gradcheck import relative_gradient_error
-from .identity_attach import KLSparseReg
-from .penalties import (
-    L1,
-    L2,
-    PENALTIES,
-    BernoulliKL,
-    FrequencyKL,
-    Hoyer,
-    Penalty,
-    PenaltySum,
-    PoissonKL,
-    RatePenalty,
-    get_penalty,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+# The names below are imported on first use (PEP 562), not with the package: ``actsparse.cli``
+# starts without importing torch, so a Ctrl-C or SIGTERM in the first second of a command ends
+# with one line instead of a traceback from inside torch's import.
+_EXPORTS = {
+    "functional": None,
+    "Attachment": "attach", "TargetStats": "attach", "attach": "attach", "find_targets": "attach",
+    "regularize": "attach",
+    "GradientReport": "diagnose", "gradient_report": "diagnose",
+    "relative_gradient_error": "gradcheck",
+    "KLSparseReg": "identity_attach",
+    "L1": "penalties", "L2": "penalties", "PENALTIES": "penalties", "BernoulliKL": "penalties",
+    "FrequencyKL": "penalties", "Hoyer": "penalties", "Penalty": "penalties", "PenaltySum": "penalties",
+    "PoissonKL": "penalties", "RatePenalty": "penalties", "get_penalty": "penalties",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import functional
+    from .attach import Attachment, TargetStats, attach, find_targets, regularize
+    from .diagnose import GradientReport, gradient_report
+    from .gradcheck import relative_gradient_error
+    from .identity_attach import KLSparseReg
+    from .penalties import (
+        L1,
+        L2,
+        PENALTIES,
+        BernoulliKL,
+        FrequencyKL,
+        Hoyer,
+        Penalty,
+        PenaltySum,
+        PoissonKL,
+        RatePenalty,
+        get_penalty,
+    )
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'actsparse' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name] or name}", __name__)
+    value = module if _EXPORTS[name] is None else getattr(module, name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -95,26 +95,34 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    """``actsparse train [flags]``: train and write ``runs/<name>/``."""
+    """``actsparse train [flags]``: train and write ``runs/<name>/``.
+
+    Settings come from, lowest first: the defaults, ``--config FILE``, the flags. With ``--resume``
+    the run's saved config (``config.json``, or the config its checkpoint embeds) comes first; the
+    file and the flags may then change only what a resume may change (the step budget and how the
+    run is kept): anything else is refused by the trainer, naming the setting."""
     tyro = _need("tyro")
     from .config import TrainConfig, load_config_file
 
     path, rest = _split_config_flag(argv)
-    defaults = TrainConfig(**load_config_file(path)) if path else TrainConfig()
+    from_file = load_config_file(path) if path else {}
     desc = "Train a sparse autoencoder. Defaults: the classic CS294A exercise."
-    cfg = _parse(tyro, TrainConfig, default=defaults, args=rest, prog="actsparse train", description=desc)
-    if cfg.resume:  # the run's own settings are the defaults; flags given now still win
-        import json
+    cfg = _parse(tyro, TrainConfig, default=TrainConfig(**from_file), args=rest, prog="actsparse train",
+                 description=desc)
+    if cfg.resume:  # the run's own settings are the defaults; the file and the flags given now come on top
         from pathlib import Path
 
-        saved = Path(cfg.out) / cfg.name / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"nothing to resume: {saved} does not exist")
-        values = json.loads(saved.read_text())
-        values.pop("d_in", None)
-        values.update(resume=True, config=path)
+        from .run_files import read_run_config
+        from .runner import choose_run_name
+
+        run_dir = Path(cfg.out) / choose_run_name(cfg)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"nothing to resume: {run_dir} does not exist")
+        saved, _ = read_run_config(run_dir)
+        values = saved.to_dict() | from_file | {"resume": True, "overwrite": False, "config": path,
+                                                 "out": cfg.out, "name": run_dir.name}
         cfg = _parse(tyro, TrainConfig, default=TrainConfig(**values), args=rest, prog="actsparse train",
-                       description=desc)
+                     description=desc)
     cfg.config = path
     from .runner import run_training
 
@@ -218,17 +226,16 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_plot(argv: list[str]) -> int:
     """``actsparse plot RUN``: redraw a run's figures from its weights, data and metrics.jsonl."""
-    import json
     from pathlib import Path
 
     from .data import load_data
     from .plots import write_figures
+    from .run_files import read_log
     from .train import TrainResult
 
     a, model, cfg = _load_run(argv, "actsparse plot")
     run = Path(a.run)
-    log = run / "metrics.jsonl"
-    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    history = read_log(run / "metrics.jsonl")  # a line a kill cut short is skipped, as train does
     written = write_figures(run, TrainResult(model, {}, history, run), load_data(cfg))
     print(f"wrote {run}/: {', '.join(written)}")
     return 0
@@ -332,7 +339,53 @@ def _usage() -> str:
             "Run 'actsparse COMMAND --help' for the flags of a command.")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside a run's loop (where the trainer takes them over to checkpoint)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated(signum)
+
+
+_raise_terminated.actsparse = True  # type: ignore[attr-defined]  # the trainer may take it over in its loop
+
+
+def _install_stop_handlers() -> None:
+    """SIGTERM and SIGHUP end a command the way Ctrl-C does (one line, exit 128 + signal), instead
+    of killing it silently; in main() only, so an embedding program keeps its own handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
+
+
+def _interrupted(name: str, err: KeyboardInterrupt) -> int:
+    """The one line and the exit status of a command stopped by a signal."""
+    from .interrupt import RunInterrupted, signal_name
+
+    if isinstance(err, RunInterrupted):
+        hint = ""
+        if err.checkpoint is not None:
+            run = err.checkpoint.parent
+            hint = f"; continue with: actsparse train --resume --out {run.parent} --name {run.name}"
+        print(f"actsparse {name}: {err}{hint}", file=sys.stderr)
+        return err.exit_code
+    signum = err.signum if isinstance(err, _Terminated) else 2
+    print(f"actsparse {name}: stopped by {signal_name(signum)}; the last checkpoint written (if any) is kept",
+          file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
+    _install_stop_handlers()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -364,9 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("actsparse: interrupted; the last checkpoint written (if any) is kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP; in a run's loop, after a checkpoint
+        return _interrupted(name, err)
     except SystemExit:
         raise
     except (ValueError, KeyError, TypeError, OSError, _MissingExtra, RuntimeError) as err:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from .penalties import PENALTIES
 
-__all__ = ["TrainConfig", "load_config_file", "ConfigError"]
+__all__ = ["TrainConfig", "load_config_file", "ConfigError", "check_run_name"]
 
 
 class ConfigError(ValueError):
@@ -98,8 +98,10 @@ class TrainConfig:
     """Random seed (data sampling, initialisation, shuffling)."""
     out: str = "runs"
     """Folder that receives the run folder."""
-    name: str = "classic"
-    """Run name: results go to ``out/name``."""
+    name: str | None = None
+    """Run name, one folder name: results go to ``out/name``. Default: ``classic``, or the next free
+    ``classic-2``, ``classic-3``... when ``out/classic`` holds another run. An explicit name that
+    holds a run is refused unless ``--resume`` or ``--overwrite``."""
     plots: bool = True
     """Write PNG figures."""
     progress: bool = True
@@ -116,6 +118,9 @@ class TrainConfig:
     the GPU of its ``LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    overwrite: bool = False
+    """Replace the run in ``out/name``: every file of the old run is removed before the new run
+    starts (other files in the folder are left alone)."""
     resume: bool = False
     """Continue the run in ``out/name`` from its newest checkpoint that verifies (same seed: same
     result). A damaged ``checkpoint.pt`` is reported and ``checkpoint.prev.pt`` is used."""
@@ -130,7 +135,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices, flags = _field_kinds()
-        for name in ("data", "out", "name"):
+        if isinstance(self.name, os.PathLike):
+            self.name = os.fspath(self.name)
+        if self.name is not None:
+            check_run_name(self.name)
+        for name in ("data", "out"):
             v = getattr(self, name)
             if isinstance(v, os.PathLike):  # a pathlib.Path is fine: stored as the str config.json keeps
                 v = os.fspath(v)
@@ -140,8 +149,10 @@ class TrainConfig:
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"--{name.replace('_', '-')} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in out/name and --overwrite replaces it: choose one")
         positive_ints = ("samples", "patch_size", "hidden", "iterations", "epochs", "batch_size")
         for name in positive_ints:
             v = getattr(self, name)
@@ -177,6 +188,9 @@ class TrainConfig:
             raise ConfigError(f"--model must be 'sae' or 'stacked', got {self.model!r}")
         if self.auxk is not None and (not isinstance(self.auxk, int) or not 1 <= self.auxk <= self.hidden):
             raise ConfigError(f"--auxk must be an integer in [1, --hidden {self.hidden}], got {self.auxk!r}")
+        if self.auxk is not None and (self.activation not in ("topk", "batchtopk") or self.model != "sae"):
+            raise ConfigError(f"--auxk is the AuxK loss of TopK SAEs (Gao et al. 2024): it needs --model sae and "
+                              f"--activation topk or batchtopk, got --activation {self.activation}")
         if self.penalty is not None and not isinstance(self.penalty, str):
             raise ConfigError(f"--penalty must be a name ({', '.join(sorted(PENALTIES))}, none), got {self.penalty!r}")
         if self.penalty is not None and self.penalty.lower() == "none":
@@ -225,6 +239,17 @@ class TrainConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def check_run_name(name: object) -> str:
+    """A run name is one folder name inside ``--out``: not empty, not ``.``/``..``, no path
+    separator, not absolute (a name from a config file someone sent must not write elsewhere)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--name must be a non-empty folder name, got {name!r}")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in (".", "..") or any(sep in name for sep in seps) or "\0" in name or Path(name).is_absolute():
+        raise ConfigError(f"--name {name!r} must be one folder name inside --out (no '/', '..' or absolute path)")
+    return name
+
+
 @functools.cache
 def _field_kinds() -> tuple[dict[str, tuple], tuple[str, ...]]:
     """The choices of each ``Literal`` field and the names of the ``bool`` fields of TrainConfig."""
@@ -266,8 +291,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file must be .toml, .yaml, .yml or .json, got {p.name}")
     except ConfigError:
         raise
-    except Exception as err:  # parser errors of three libraries
-        raise ConfigError(f"cannot parse {p}: {err}") from err
+    except Exception as err:  # parser errors of three libraries, some over several lines
+        raise ConfigError(f"cannot parse {p}: {' '.join(str(err).split())}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{p} must hold a table of settings, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -46,7 +46,7 @@ def _eval_pass(model: torch.nn.Module, x: Tensor, batch_size: int) -> tuple[dict
     metrics = {
         "reconstruction": recon / n,
         "penalty": penalty / n,
-        "fvu": sse / max(float(M.total_variance(x)), torch.finfo(torch.float64).tiny),
+        "fvu": M.fvu_ratio(sse, float(M.total_variance(x))),  # NaN: data with no variance
         "l0": float(firing.sum()),
         "mean_activation": float(rho.mean()),
         "fraction_dead": float((firing == 0).double().mean()),

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .models.sparse_topk import SparseCode
 
-__all__ = ["fvu", "total_variance", "l0", "mmcs", "rho_hat_summary"]
+__all__ = ["fvu", "fvu_ratio", "total_variance", "l0", "mmcs", "rho_hat_summary"]
 
 
 def _check(name: str, t: object, *, dims: int | None = None, what: str = "") -> None:
@@ -45,7 +45,7 @@ def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:
     """Fraction of variance unexplained, ``Σ‖x − x̂‖² / Σ‖x − x̄‖²``, in float64; x, x̂: ``(batch, d_in)``.
 
     ``total``: :func:`total_variance` of ``x`` if already known (the trainer logs the same full
-    batch every L-BFGS iteration)."""
+    batch every L-BFGS iteration). NaN where ``x`` has no variance (the ratio is undefined)."""
     _check("x", x)
     _check("x_hat", x_hat)
     if x.shape != x_hat.shape:
@@ -53,7 +53,14 @@ def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:
     if total is None:
         total = total_variance(x)
     diff = x_hat.to(torch.float64, copy=True).sub_(x).reshape(-1)  # a copy: never write into the caller's x̂
-    return torch.dot(diff, diff) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    sse = torch.dot(diff, diff)
+    # data with no variance (every sample equal): the FVU is undefined, NaN, not sse / tiny ≈ 1e308
+    return torch.where(total > 0, sse / total.clamp_min(torch.finfo(torch.float64).tiny), float("nan"))
+
+
+def fvu_ratio(sse: float, total: float) -> float:
+    """``sse / total`` as floats: the FVU from its two sums, NaN (undefined) when ``total`` is 0."""
+    return sse / total if total > 0 else float("nan")
 
 
 def l0(code: Tensor | SparseCode) -> Tensor:

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["write_figures", "plot_loss", "plot_filters", "plot_reconstructions", "plot_rho_hat"]
+__all__ = ["write_figures", "plot_loss", "plot_filters", "plot_reconstructions", "plot_rho_hat", "FIGURES"]
+
+#: Every figure :func:`write_figures` may write into a run folder (a run replaced with
+#: ``--overwrite`` loses all of them, so no figure of the old run survives beside the new one).
+FIGURES = ("loss.png", "filters.png", "reconstructions.png", "rho_hat.png")
 
 
 def _plt():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -13,14 +14,40 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
+from .run_files import claim_run_dir, holds_run
 from .train import TrainResult, planned_steps, train
 
-__all__ = ["prepare_run_dir", "run_training", "dictionary_recovery"]
+__all__ = ["likely_cause", "prepare_run_dir", "choose_run_name", "run_training", "dictionary_recovery", "DEFAULT_NAME"]
+
+
+#: The run name when ``--name`` is not given (the classic CS294A exercise is the default run).
+DEFAULT_NAME = "classic"
+
+
+def choose_run_name(cfg: TrainConfig) -> str:
+    """``cfg.name``, or without one: ``classic`` to resume, else the first of ``classic``,
+    ``classic-2``, ``classic-3``... in ``cfg.out`` that holds no run (a new run never writes into
+    another run's folder)."""
+    if cfg.name is not None:
+        return cfg.name
+    if cfg.resume:
+        return DEFAULT_NAME
+    out, name, i = Path(cfg.out), DEFAULT_NAME, 1
+    while holds_run(out / name):
+        i += 1
+        name = f"{DEFAULT_NAME}-{i}"
+    return name
 
 
 def prepare_run_dir(cfg: TrainConfig, min_free_bytes: int = 50 * 2**20) -> Path:
-    """Create ``out/name`` and prove it is writable with enough free space, before any training."""
+    """Create ``out/name`` (``cfg.name`` is set if it was chosen here) and prove it is writable with
+    enough free space, before any training. A folder that holds another run is refused unless
+    ``cfg.resume`` (it is continued) or ``cfg.overwrite`` (its files are removed first)."""
+    cfg.name = choose_run_name(cfg)
     run_dir = Path(cfg.out) / cfg.name
+    claim_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume and not holds_run(run_dir):
+        raise FileNotFoundError(f"nothing to resume: {run_dir} holds no run")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
@@ -32,6 +59,16 @@ def prepare_run_dir(cfg: TrainConfig, min_free_bytes: int = 50 * 2**20) -> Path:
     if free < min_free_bytes:
         raise OSError(f"only {free / 2**20:.1f} MiB free in {run_dir}; need at least {min_free_bytes / 2**20:.0f} MiB")
     return run_dir
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """A run that failed before writing anything leaves no empty folder behind: each of
+    ``folders`` (innermost first, only those this run created) is removed if it is empty."""
+    for f in folders:
+        try:
+            f.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            return
 
 
 def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Callable[[], None]]:
@@ -82,11 +119,34 @@ def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> Train
 
 
 def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
+    from .distributed import world
+
+    rank, world_size = world()
+    asked = cfg.name
+    if world_size > 1:  # rank 0 picks the name; the others must not pick the next one it just took
+        names = [choose_run_name(cfg) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(names, src=0)
+        cfg.name = names[0]
+    out = Path(cfg.out)
+    created = [f for f in (out / choose_run_name(cfg), out) if not f.is_dir()]
+    run_dir = prepare_run_dir(cfg) if rank == 0 else Path(cfg.out) / cfg.name
+    if world_size > 1:
+        torch.distributed.barrier()  # the folder exists (and an old run is gone) before any rank looks
+    if asked is None and cfg.name != DEFAULT_NAME and not cfg.resume:
+        echo(f"{Path(cfg.out) / DEFAULT_NAME} holds another run: this run is {run_dir} (--name to choose)")
+    try:
+        return _run_in(cfg, run_dir, echo)
+    except BaseException:
+        if rank == 0:
+            _remove_if_empty(created)
+        raise
+
+
+def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> TrainResult:
     from .data import load_data
     from .distributed import world
 
     rank, world_size = world()
-    run_dir = prepare_run_dir(cfg)
     if cfg.tensorboard is not None:  # a missing package ends the run here, on every rank, before any work
         from .tensorboard import require_tensorboard
 
@@ -154,7 +214,26 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         shape = "-".join(map(str, [data.x.shape[1], *cfg.sizes]))
     else:
         shape = f"{cfg.hidden} hidden units"
+    fvu = "FVU undefined (the data have no variance)" if math.isnan(m["fvu"]) else f"FVU {m['fvu']:.3f}"
     echo(f"trained {shape}, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
-         f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, FVU {m['fvu']:.3f}, L0 {m['l0']:.2f}, "
+         f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, {fvu}, L0 {m['l0']:.2f}, "
          f"mean activation {m['mean_activation']:.4f}{target}")
+    if m["fvu"] >= 0.99:
+        echo(f"warning: FVU {m['fvu']:.3f}: the model reconstructs no better than the mean of the data; "
+             f"{likely_cause(cfg, m)}")
     return result
+
+
+def likely_cause(cfg: TrainConfig, m: dict[str, float]) -> str:
+    """A one-line guess at why a run learnt nothing (FVU ≈ 1), from its settings and metrics."""
+    penalty = (cfg.penalty or "").lower().replace("-", "_")
+    if cfg.activation != "sigmoid" and penalty in ("kl", "bernoulli_kl"):
+        return (f"--activation {cfg.activation} with the Bernoulli KL, which is for sigmoid units in [0, 1]: use "
+                f"--penalty poisson_kl (the KL for unbounded ReLU units) or --penalty l1")
+    if m.get("l0", 1.0) == 0 or m.get("fraction_dead", 0.0) >= 1.0:
+        return f"every hidden unit is silent: the penalty is too strong (lower --weight {cfg.weight:g})"
+    if cfg.optimizer != "lbfgs":
+        return (f"too few steps or a learning rate that does not fit (--lr {cfg.lr:g}, --epochs {cfg.epochs}); "
+                f"or the penalty is too strong (--weight {cfg.weight:g})")
+    return (f"the penalty may be too strong (--weight {cfg.weight:g}) or the iterations too few "
+            f"(--iterations {cfg.iterations})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .data import STREAM_SAMPLE
 from .distributed import local_batch_statistics, sync_batch_statistics, world
 from .errors import NonFiniteError, TrainingError, TrainingWarning
 from .evaluation import evaluate, unit_statistics
+from .interrupt import RunInterrupted, StopSignals
 from .lbfgs import LBFGS
 from .models import SparseAutoencoder
 from .models.sae import squared_error
@@ -35,14 +37,16 @@ from .run_files import (
     check_free_space,
     check_weights_finite,
     checkpoint_bytes,
+    claim_run_dir,
     load_checkpoint,
     load_resume_state,
+    read_log,
     save_checkpoint,
 )
 
-__all__ = ["build_model", "resolve_device", "train", "train_step", "planned_steps", "minibatch_optimizer", "pretrain_greedy",
-           "TrainResult", "evaluate", "unit_statistics", "save_checkpoint", "load_checkpoint", "checkpoint_bytes",
-           "TrainingError", "NonFiniteError"]
+__all__ = ["build_model", "resolve_device", "train", "train_step", "planned_steps", "minibatch_optimizer",
+           "pretrain_greedy", "TrainResult", "evaluate", "unit_statistics", "save_checkpoint", "load_checkpoint",
+           "checkpoint_bytes", "TrainingError", "NonFiniteError", "RunInterrupted"]
 
 
 _TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
@@ -102,12 +106,7 @@ class _RunLog:
     def rewind(self, step: int) -> None:
         self.close()
         if self.path is not None and self.path.is_file():
-            self.records = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:  # the line a kill cut short
-                    continue
+            self.records = read_log(self.path)
         self.records = [r for r in self.records if r.get("step", math.inf) <= step]
         if self.path is not None:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
@@ -123,7 +122,6 @@ class _RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
 
 
 def train(
@@ -143,7 +141,8 @@ def train(
         run_dir: if given, ``metrics.jsonl`` (one line per logged step), the resumable
             ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps and after the last one) and
             ``model.safetensors`` + ``config.json`` are written there; with ``cfg.resume`` the run
-            continues from its newest checkpoint that verifies.
+            continues from its newest checkpoint that verifies. A folder that holds another run is
+            refused unless ``cfg.resume`` or ``cfg.overwrite`` (which removes the old run's files first).
         on_step: called with each logged record (the CLI's progress bar uses it).
         model: train this model instead of the one ``cfg`` describes (any module whose forward
             returns a :class:`~actsparse.models.ForwardOutput`; e.g. a stack being fine-tuned).
@@ -158,162 +157,306 @@ def train(
             step and the loss terms there, and the last good checkpoint is left in place. With
             ``cfg.on_nan="rollback"`` the run first goes back to its last good checkpoint (in
             memory) with half the learning rate, up to ``cfg.max_rollbacks`` times.
+        RunInterrupted: SIGINT, SIGTERM or SIGHUP arrived; the run stopped after the step it was in
+            and wrote a checkpoint there (``--resume`` continues bit for bit).
+        ValueError: a checkpoint to resume was trained with other settings (each one is named), or
+            the data or the weights cannot be trained on (the message says why).
+        FileExistsError: ``run_dir`` holds another run (neither ``resume`` nor ``overwrite``).
         OSError: ``run_dir`` has too little free space for this run's checkpoints (before step 1).
         actsparse.checkpoint.CheckpointError: a checkpoint cannot be written (e.g. the disk
             filled up); the previous one is kept.
     """
-    rank, world_size = world()
-    streaming = not isinstance(x, Tensor)  # a ShardStore: read in minibatches, never whole
-    if streaming:
-        if cfg.optimizer == "lbfgs":
-            raise ValueError("L-BFGS is full-batch: a streamed activation store trains with --optimizer adam or sgd")
-        d_in = int(x.d)
-    else:
-        if x.dim() != 2 or x.shape[0] < 2:
-            raise ValueError(f"training data must be (samples, features) with at least 2 samples, "
-                             f"got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"training data contain {int((~torch.isfinite(x)).sum())} NaN/Inf values")
-        d_in = x.shape[1]
-    if world_size > 1 and cfg.optimizer == "lbfgs":
-        raise ValueError(f"L-BFGS is full-batch and runs in one process; with {world_size} processes use "
-                         "--optimizer adam or sgd")
-    if world_size > 1 and cfg.batch_size < world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the number of "
-                         f"processes ({world_size})")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    if streaming:
-        n_val, x_train, x_val = 0, x, None
-    else:
-        perm = torch.randperm(x.shape[0], generator=g)
-        n_val = int(round(cfg.validation * x.shape[0]))
-        x_val, x_train = x[perm[:n_val]], x[perm[n_val:]]
-        if cfg.optimizer == "lbfgs":
-            x_train = x_train.to(device)  # full batch: moved once
-    if model is None:
-        model = build_model(cfg, d_in).to(torch.float32 if streaming else x.dtype)
-    model = model.to(device)
-    writer = run_dir if rank == 0 else None  # only rank 0 writes files
-    if writer is not None:
-        check_free_space(writer, model, cfg.optimizer)
-    state = load_resume_state(run_dir, model) if cfg.resume and run_dir is not None else None
-    forward = model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    return _Run(cfg, x, run_dir, model, on_step).run(on_start)
 
-        sync_batch_statistics(model)
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    lr_scale = float(state.get("lr_scale", 1.0)) if state else 1.0
-    rollbacks = int(state.get("rollbacks", 0)) if state else 0
-    last_good = None  # the payload to roll back to (kept only with on_nan="rollback")
-    if cfg.on_nan == "rollback":
-        last_good = copy.deepcopy(state) if state else {
-            "step": 0, "model": copy.deepcopy(model.state_dict()), "optimizer": None,
-            "torch_rng": torch.get_rng_state(), "epoch": 0, "batch": 0, "g_epoch": g.get_state()}
-    if on_start is not None:
-        on_start(model)
-    log = _RunLog(writer / "metrics.jsonl" if writer is not None else None)
-    guard = _FiniteGuard(world_size > 1)
-    start = time.perf_counter()
 
-    # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
-    # the data), over Σ‖x − x̄‖², computed once for full-batch L-BFGS (the same x every iteration)
-    full_batch_total = M.total_variance(x_train) if cfg.optimizer == "lbfgs" else None
-    recon_kind = getattr(model, "recon_loss", None)
+class _Run:
+    """One call of :func:`train`, one concern per method: ``__init__`` checks the data and builds
+    the model; :meth:`resume` loads a checkpoint; :meth:`loop` runs the optimiser, calling
+    :meth:`after_step` after each step, which logs (:meth:`record`), saves (:meth:`checkpoint`)
+    and stops on a signal (:meth:`stop_if_signalled`); :meth:`rollback` goes back after a NaN;
+    :meth:`final_metrics` evaluates the result."""
 
-    def sse_and_total(out, xb: Tensor) -> tuple[float, float]:
-        if recon_kind is None:  # a model of the caller's with another loss: the direct formula
-            return float((xb - out.reconstruction.detach()).square().sum()), float(M.total_variance(xb))
-        total = full_batch_total if xb is x_train else M.total_variance(xb)
-        return squared_error(float(out.reconstruction_loss.detach()), recon_kind, tuple(xb.shape)), float(total)
+    def __init__(self, cfg: TrainConfig, x, run_dir: Path | None, model: torch.nn.Module | None,
+                 on_step: Callable[[dict[str, float]], None] | None) -> None:
+        self.cfg, self.on_step = cfg, on_step
+        self.rank, self.world_size = world()
+        self.streaming = streaming = not isinstance(x, Tensor)  # a ShardStore: read in minibatches, never whole
+        self._check_data(x)
+        self.d_in = int(x.d) if streaming else x.shape[1]
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.g = torch.Generator().manual_seed(cfg.seed)
+        if streaming:
+            self.n_val, self.x_train, self.x_val = 0, x, None
+        else:
+            perm = torch.randperm(x.shape[0], generator=self.g)
+            self.n_val = int(round(cfg.validation * x.shape[0]))
+            self.x_val, self.x_train = x[perm[:self.n_val]], x[perm[self.n_val:]]
+            if self.x_train.shape[0] < 2:
+                raise ValueError(f"--validation {cfg.validation:g} holds out {self.n_val} of {x.shape[0]} samples and "
+                                 f"leaves {self.x_train.shape[0]} for training: lower --validation or give more data")
+            if cfg.optimizer == "lbfgs":
+                self.x_train = self.x_train.to(self.device)  # full batch: moved once
+        self.total = planned_steps(cfg, x)
+        if model is None:
+            model = build_model(cfg, self.d_in).to(torch.float32 if streaming else x.dtype)
+            self._check_decoder_range()
+        self.model = model.to(self.device)
+        self.writer = run_dir if self.rank == 0 else None  # only rank 0 writes files
+        self.run_dir = run_dir
+        if self.writer is not None:
+            claim_run_dir(self.writer, resume=cfg.resume, overwrite=cfg.overwrite)
+            check_free_space(self.writer, self.model, cfg.optimizer)
+        self.forward = self.model
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.last_good: dict[str, Any] | None = None  # the payload to roll back to (on_nan="rollback" only)
+        self.log = _RunLog(self.writer / "metrics.jsonl" if self.writer is not None else None)
+        self.guard = _FiniteGuard(self.world_size > 1)
+        self.signals = StopSignals()
+        # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
+        # the data), over Σ‖x − x̄‖², computed once for full-batch L-BFGS (the same x every iteration)
+        self.full_batch_total = M.total_variance(self.x_train) if cfg.optimizer == "lbfgs" else None
+        self.recon_kind = getattr(self.model, "recon_loss", None)
+        self.start = time.perf_counter()
 
-    def record(step: int, out, xb: Tensor) -> None:
-        guard.check()  # a non-finite step since the last record stops here, before it is logged
+    # ---------------------------------------------------------------- checks before any work
+    def _check_data(self, x) -> None:
+        cfg = self.cfg
+        if self.streaming:
+            if cfg.optimizer == "lbfgs":
+                raise ValueError("L-BFGS is full-batch: a streamed activation store trains with --optimizer adam "
+                                 "or sgd")
+        else:
+            if x.dim() != 2 or x.shape[0] < 2:
+                raise ValueError(f"training data must be (samples, features) with at least 2 samples, "
+                                 f"got {tuple(x.shape)}")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"training data contain {int((~torch.isfinite(x)).sum())} NaN/Inf values")
+        if self.world_size > 1 and cfg.optimizer == "lbfgs":
+            raise ValueError(f"L-BFGS is full-batch and runs in one process; with {self.world_size} processes use "
+                             "--optimizer adam or sgd")
+        if self.world_size > 1 and cfg.batch_size < self.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be at least the number of "
+                             f"processes ({self.world_size})")
+
+    def _check_decoder_range(self) -> None:
+        """A sigmoid decoder outputs values in (0, 1): on data outside [0, 1] it cannot reconstruct
+        (e.g. ZCA-whitened patches, in about [-2, 2]), and the run would end at FVU ≈ 1."""
+        if self.cfg.decoder != "sigmoid":
+            return
+        x = self.x_train.sample(4096, seed=self.cfg.seed) if self.streaming else self.x_train
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"--decoder sigmoid outputs values in (0, 1), but the data lie in [{lo:.3g}, {hi:.3g}]: "
+                             f"use --decoder linear (or data scaled to [0, 1])")
+
+    # ---------------------------------------------------------------- resume and rollback
+    def resume(self) -> dict[str, Any] | None:
+        """The checkpoint state to continue from (weights loaded), or None for a fresh run; checks
+        that the weights are finite either way (NaN weights are not the data's fault)."""
+        state = None
+        if self.cfg.resume and self.run_dir is not None:
+            state = load_resume_state(self.run_dir, self.model, self.cfg)
+            self.lr_scale = float(state.get("lr_scale", 1.0))
+            self.rollbacks = int(state.get("rollbacks", 0))
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            where = "the checkpoint resumed" if state else "the model given"
+            raise ValueError(f"the weights of {where} contain NaN/Inf before training ({', '.join(bad)}): "
+                             "nothing can be learnt from them; start from a fresh model")
+        if self.cfg.on_nan == "rollback":
+            self.last_good = copy.deepcopy(state) if state else {
+                "step": 0, "model": copy.deepcopy(self.model.state_dict()), "optimizer": None,
+                "torch_rng": torch.get_rng_state(), "epoch": 0, "batch": 0, "g_epoch": self.g.get_state()}
+        return state
+
+    def rollback(self, err: NonFiniteError) -> dict[str, Any]:
+        """After a non-finite step: re-raise with what was kept, or (``on_nan="rollback"``) return
+        the last good state to continue from, with half the learning rate."""
+        cfg = self.cfg
+        saved = self.writer / CHECKPOINT if self.writer is not None else None
+        kept = f"; the last good checkpoint {saved} is kept" if saved and saved.is_file() else ""
+        if cfg.on_nan != "rollback" or self.last_good is None:
+            hint = " (--on-nan rollback restarts from it with half the learning rate)" if kept else ""
+            raise NonFiniteError(err.step, err.terms, f"{err}{kept}{hint}") from None
+        if self.rollbacks >= cfg.max_rollbacks:
+            raise NonFiniteError(err.step, err.terms, f"{err}, after {self.rollbacks} rollbacks "
+                                 f"(--max-rollbacks){kept}") from None
+        self.rollbacks += 1
+        self.lr_scale *= 0.5
+        how = ("L-BFGS's curvature pairs reset" if cfg.optimizer == "lbfgs"
+               else f"learning rate {cfg.lr * self.lr_scale:g}")
+        warnings.warn(f"{err}; rolling back to step {self.last_good['step']} with {how} "
+                      f"(rollback {self.rollbacks} of {cfg.max_rollbacks})", TrainingWarning, stacklevel=3)
+        # L-BFGS restarts its curvature pairs at the rolled-back point: the same pairs would take
+        # the same step into the same blow-up
+        state = copy.deepcopy(self.last_good) | ({"optimizer": None} if cfg.optimizer == "lbfgs" else {})
+        self.model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        self.log.rewind(state["step"])
+        return state
+
+    # ---------------------------------------------------------------- after each step
+    def record(self, step: int, out, xb: Tensor) -> None:
+        """Log step ``step`` (after checking that no step since the last record was non-finite)."""
+        self.guard.check()  # a non-finite step since the last record stops here, before it is logged
         code = out.code.detach()
-        dead = getattr(model, "dead_mask", None)
-        sse, total = sse_and_total(out, xb)
+        dead = getattr(self.model, "dead_mask", None)
+        sse, total = self._sse_and_total(out, xb)
         means = {"loss": out.loss, "reconstruction": out.reconstruction_loss, "penalty": out.sparsity_loss,
                  "weight_decay": out.weight_decay_loss, "l0": M.l0(code), "mean_activation": code.mean()}
         means = {k: float(v.detach()) for k, v in means.items()}
-        if world_size > 1:  # the log shows the global batch: means over the ranks' equal shares, summed SSE
-            both = torch.tensor([*means.values(), sse, total], dtype=torch.float64)
+        if self.world_size > 1:  # the log shows the global batch: means over the ranks' equal shares, summed SSE
+            signalled = float(self.signals.signum is not None)
+            both = torch.tensor([*means.values(), sse, total, signalled], dtype=torch.float64)
             torch.distributed.all_reduce(both)
-            *values, sse, total = both.tolist()
-            means = {k: v / world_size for k, v in zip(means, values)}
-        rec = {"step": step, **means, "fvu": sse / max(total, torch.finfo(torch.float64).tiny),
+            *values, sse, total, signalled = both.tolist()
+            means = {k: v / self.world_size for k, v in zip(means, values)}
+            self._any_rank_signalled = signalled > 0
+        rec = {"step": step, **means, "fvu": M.fvu_ratio(sse, total),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
-               "seconds": time.perf_counter() - start}
-        log.append(rec)
-        if on_step is not None:
-            on_step(rec)
+               "seconds": time.perf_counter() - self.start}
+        self.log.append(rec)
+        if self.on_step is not None:
+            self.on_step(rec)
 
-    def checkpoint(step: int, opt: torch.optim.Optimizer, extra: dict[str, Any], last: bool) -> None:
-        # every `checkpoint_every` steps, and always after the last one (so a finished run can
-        # be extended with --resume --iterations N)
-        nonlocal last_good
-        if not (last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+    def _sse_and_total(self, out, xb: Tensor) -> tuple[float, float]:
+        if self.recon_kind is None:  # a model of the caller's with another loss: the direct formula
+            return float((xb - out.reconstruction.detach()).square().sum()), float(M.total_variance(xb))
+        total = self.full_batch_total if xb is self.x_train else M.total_variance(xb)
+        sse = squared_error(float(out.reconstruction_loss.detach()), self.recon_kind, tuple(xb.shape))
+        return sse, float(total)
+
+    def checkpoint(self, step: int, opt, extra: dict[str, Any], *, force: bool = False) -> None:
+        """Every ``checkpoint_every`` steps, after the last one (so a finished run can be extended
+        with ``--resume --iterations N``), and when ``force``d (a signal): write the resumable
+        checkpoint (rank 0) after checking that every step so far was finite."""
+        cfg = self.cfg
+        if not (force or step == self.total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             return
-        guard.check()  # never checkpoint after a non-finite step
+        self.guard.check()  # never checkpoint after a non-finite step
         payload = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                   "lr_scale": lr_scale, "rollbacks": rollbacks, **extra}
-        if writer is not None:
-            save_checkpoint(writer, model, cfg, d_in, payload)
+                   "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, **extra}
+        if self.writer is not None:
+            save_checkpoint(self.writer, self.model, cfg, self.d_in, payload)
         else:
-            check_weights_finite(model, step)
+            check_weights_finite(self.model, step)
         if cfg.on_nan == "rollback":  # a copy: the optimiser's state tensors change in place
-            last_good = copy.deepcopy(payload | {"model": model.state_dict()})
+            self.last_good = copy.deepcopy(payload | {"model": self.model.state_dict()})
 
-    log.rewind(state["step"] if state else 0)
-    try:
-        while True:
-            try:
-                if cfg.optimizer == "lbfgs":
-                    _train_lbfgs(cfg, model, x_train, record, checkpoint, state, guard)
-                else:
-                    _train_minibatch(cfg, model, forward, x_train, planned_steps(cfg, x), g, record, checkpoint,
-                                     state, guard, lr_scale, device)
-                break
-            except NonFiniteError as err:
-                saved = writer / CHECKPOINT if writer is not None else None
-                kept = f"; the last good checkpoint {saved} is kept" if saved and saved.is_file() else ""
-                if cfg.on_nan != "rollback" or last_good is None:
-                    hint = " (--on-nan rollback restarts from it with half the learning rate)" if kept else ""
-                    raise NonFiniteError(err.step, err.terms, f"{err}{kept}{hint}") from None
-                if rollbacks >= cfg.max_rollbacks:
-                    raise NonFiniteError(err.step, err.terms, f"{err}, after {rollbacks} rollbacks "
-                                         f"(--max-rollbacks){kept}") from None
-                rollbacks += 1
-                lr_scale *= 0.5
-                how = "L-BFGS's curvature pairs reset" if cfg.optimizer == "lbfgs" else \
-                    f"learning rate {cfg.lr * lr_scale:g}"
-                warnings.warn(f"{err}; rolling back to step {last_good['step']} with {how} "
-                              f"(rollback {rollbacks} of {cfg.max_rollbacks})", TrainingWarning, stacklevel=2)
-                # L-BFGS restarts its curvature pairs at the rolled-back point: the same pairs
-                # would take the same step into the same blow-up
-                state = copy.deepcopy(last_good) | ({"optimizer": None} if cfg.optimizer == "lbfgs" else {})
-                model.load_state_dict(state["model"])
-                torch.set_rng_state(state["torch_rng"])
-                log.rewind(state["step"])
-    finally:
-        log.close()
-        if world_size > 1:  # from here on each rank works alone (rank 0 evaluates)
-            local_batch_statistics(model)
-    history = log.records
-    seconds = time.perf_counter() - start
-    final: dict[str, float] = {"target": cfg.target, "seconds": seconds,
-                               "steps": int(history[-1]["step"]) if history else 0, "rollbacks": rollbacks,
-                               "processes": world_size}
-    if rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights
-        # a streamed store is measured on a sample of its rows (it may not fit in memory)
-        final = evaluate(model, x_train.sample(STREAM_SAMPLE, seed=cfg.seed) if streaming else x_train) | final
-        if n_val:
-            val = evaluate(model, x_val)
-            final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
-    if writer is not None and not (writer / "model.safetensors").is_file():
-        save_checkpoint(writer, model, cfg, d_in)
-    return TrainResult(model, final, history, run_dir)
+    def stop_if_signalled(self, step: int, opt, extra: dict[str, Any], logged: bool) -> None:
+        """After a complete step: if SIGINT/SIGTERM/SIGHUP arrived, checkpoint here and raise
+        :class:`RunInterrupted`. One process looks at its flag every step; under DDP the ranks
+        look at the flag they all-reduced at the last logged step, so all stop at the same step."""
+        if self.world_size > 1:
+            if not (logged and self._any_rank_signalled):
+                return
+        elif self.signals.signum is None:
+            return
+        self.checkpoint(step, opt, extra, force=True)
+        written = self.writer / CHECKPOINT if self.writer is not None else None
+        raise RunInterrupted(self.signals.signum or signal.SIGTERM, step, written)
+
+    def after_step(self, step: int, out, xb: Tensor, opt, extra: dict[str, Any], log_now: bool) -> None:
+        self.guard.update(step, out)
+        if log_now:
+            self.record(step, out, xb)
+        self.checkpoint(step, opt, extra)
+        self.stop_if_signalled(step, opt, extra, log_now)
+
+    # ---------------------------------------------------------------- the loops
+    def loop(self, state: dict[str, Any] | None) -> None:
+        if self.cfg.optimizer == "lbfgs":
+            self._loop_lbfgs(state)
+        else:
+            self._loop_minibatch(state)
+
+    def _loop_lbfgs(self, state: dict[str, Any] | None) -> None:
+        # actsparse.lbfgs: one iteration per step (logged after each), one evaluation per iteration,
+        # 100 stored pairs (minFunc's default, the CS294A exercise's optimiser), strong-Wolfe steps.
+        model, x = self.model, self.x_train
+        opt = LBFGS(model.parameters(), history=100, max_evals=25)
+        first = 1
+        if state is not None:
+            if state.get("optimizer") is not None:
+                opt.load_state_dict(state["optimizer"])
+            first = state["step"] + 1
+
+        def closure():
+            out = model(x)
+            out.loss.backward()
+            return out.loss, out
+
+        for it in range(first, self.cfg.iterations + 1):
+            opt.step(closure)
+            self.after_step(it, opt.aux, x, opt, {}, True)  # opt.aux: the output at the accepted point
+
+    def _loop_minibatch(self, state: dict[str, Any] | None) -> None:
+        cfg, model, g = self.cfg, self.model, self.g
+        opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * self.lr_scale)
+        step, first_epoch, skip = 0, 0, 0
+        if state is not None:
+            if state.get("optimizer") is not None:
+                opt.load_state_dict(state["optimizer"])
+                for group in opt.param_groups:  # a rollback lowers the rate the saved state holds
+                    group["lr"] = cfg.lr * self.lr_scale
+            step, first_epoch, skip = state["step"], state["epoch"], state["batch"]
+            g.set_state(state["g_epoch"])
+        for epoch in range(first_epoch, cfg.epochs):
+            g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
+            done = skip if epoch == first_epoch else 0
+            for b, xb in _epoch_batches(self.x_train, epoch, g, cfg, self.rank, self.world_size, self.device, done):
+                model.set_progress(step / self.total)
+                out = train_step(model, opt, xb, forward=self.forward)
+                step += 1
+                self.after_step(step, out, xb, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch},
+                                step % 10 == 0 or step == self.total)
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self, on_start: Callable[[torch.nn.Module], None] | None) -> TrainResult:
+        cfg = self.cfg
+        state = self.resume()
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            sync_batch_statistics(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if on_start is not None:
+            on_start(self.model)
+        self._any_rank_signalled = False
+        self.log.rewind(state["step"] if state else 0)
+        try:
+            with self.signals:
+                while True:
+                    try:
+                        self.loop(state)
+                        break
+                    except NonFiniteError as err:
+                        state = self.rollback(err)
+        finally:
+            self.log.close()
+            if self.world_size > 1:  # from here on each rank works alone (rank 0 evaluates)
+                local_batch_statistics(self.model)
+        history = self.log.records
+        final = self.final_metrics(history)
+        if self.writer is not None and not (self.writer / "model.safetensors").is_file():
+            save_checkpoint(self.writer, self.model, cfg, self.d_in)
+        return TrainResult(self.model, final, history, self.run_dir)
+
+    def final_metrics(self, history: list[dict[str, float]]) -> dict[str, float]:
+        cfg = self.cfg
+        final: dict[str, float] = {"target": cfg.target, "seconds": time.perf_counter() - self.start,
+                                   "steps": int(history[-1]["step"]) if history else 0, "rollbacks": self.rollbacks,
+                                   "processes": self.world_size}
+        if self.rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights
+            # a streamed store is measured on a sample of its rows (it may not fit in memory)
+            x = self.x_train.sample(STREAM_SAMPLE, seed=cfg.seed) if self.streaming else self.x_train
+            final = evaluate(self.model, x) | final
+            if self.n_val:
+                val = evaluate(self.model, self.x_val)
+                final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
+        return final
 
 
 def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
@@ -343,28 +486,6 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
             h = stack.act(enc(h))
         results.append(res)
     return results
-
-
-def _train_lbfgs(cfg: TrainConfig, model, x: Tensor, record, checkpoint, state, guard: _FiniteGuard) -> None:
-    # actsparse.lbfgs: one iteration per step (logged after each), one evaluation per iteration,
-    # 100 stored pairs (minFunc's default, the CS294A exercise's optimiser), strong-Wolfe steps.
-    opt = LBFGS(model.parameters(), history=100, max_evals=25)
-    first = 1
-    if state is not None:
-        if state.get("optimizer") is not None:
-            opt.load_state_dict(state["optimizer"])
-        first = state["step"] + 1
-
-    def closure():
-        out = model(x)
-        out.loss.backward()
-        return out.loss, out
-
-    for it in range(first, cfg.iterations + 1):
-        opt.step(closure)
-        guard.update(it, opt.aux)  # the output at the accepted point
-        record(it, opt.aux, x)
-        checkpoint(it, opt, {}, it == cfg.iterations)
 
 
 def minibatch_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -428,28 +549,3 @@ def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: in
         for b, ids in enumerate(x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch)):
             if b >= skip:
                 yield b, x.read_rows(np.array_split(ids, world_size)[rank]).to(device, non_blocking=True)
-
-
-def _train_minibatch(cfg: TrainConfig, model, forward, x, total: int, g: torch.Generator, record, checkpoint,
-                     state, guard: _FiniteGuard, lr_scale: float, device: torch.device) -> None:
-    rank, world_size = world()
-    opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * lr_scale)
-    step, first_epoch, skip = 0, 0, 0
-    if state is not None:
-        if state.get("optimizer") is not None:
-            opt.load_state_dict(state["optimizer"])
-            for group in opt.param_groups:  # a rollback lowers the rate the saved state holds
-                group["lr"] = cfg.lr * lr_scale
-        step, first_epoch, skip = state["step"], state["epoch"], state["batch"]
-        g.set_state(state["g_epoch"])
-    for epoch in range(first_epoch, cfg.epochs):
-        g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
-        done = skip if epoch == first_epoch else 0
-        for b, xb in _epoch_batches(x, epoch, g, cfg, rank, world_size, device, done):
-            model.set_progress(step / total)
-            out = train_step(model, opt, xb, forward=forward)
-            step += 1
-            guard.update(step, out)
-            if step % 10 == 0 or step == total:
-                record(step, out, xb)
-            checkpoint(step, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch}, step == total)

@@ -195,7 +195,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     args = ["train", "--samples", "500", "--iterations", "8", "--checkpoint-every", "4", "--no-progress",
             "--no-plots", "--out", str(tmp_path)]
     assert main(args) == 0
-    _one_clean_line(run_cli(*args, "--resume", "--hidden", "30"), "do not fit this model")
+    _one_clean_line(run_cli(*args, "--resume", "--hidden", "30"), "hidden (checkpoint 25, now 30)")
     _one_clean_line(run_cli("train", "--resume", "--out", str(tmp_path / "none")), "nothing to resume")
 
 

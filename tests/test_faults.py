@@ -212,7 +212,7 @@ def test_a_damaged_model_file_is_named(tmp_path):
 def test_too_little_disk_space_fails_before_training(tmp_path, monkeypatch, capsys):
     import shutil as sh
 
-    import actsparse.train as T
+    import actsparse.run_files as T  # the free-space check lives with the run files
 
     real = sh.disk_usage
     monkeypatch.setattr(T.shutil, "disk_usage", lambda p: real(p)._replace(free=20 * 2**20))

@@ -7,7 +7,6 @@ exit code, that stderr is one line without a traceback, and that no other file c
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -79,3 +78,224 @@ def test_lbfgs_resume_after_a_skipped_pair_is_bit_identical(tmp_path):
         mp.undo()
     a, b = _state(full.model), _state(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the CLI: helpers ------------------------------------------------------------------------------
+
+FAST = ["--samples", "300", "--iterations", "4", "--no-plots", "--no-progress", "--threads", "1"]
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "actsparse", *args], cwd=cwd, capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with the SHA-256 of its bytes (to show that nothing changed)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+# --- item 1: --name stays inside --out -------------------------------------------------------------
+
+def test_a_run_name_is_one_folder_inside_out(tmp_path):
+    """failed before: ``--name ../../x`` and ``--name /abs/x`` wrote the run outside --out (also from
+    a config file), over whatever run files were there."""
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "config.json").write_text("{}")
+    (tmp_path / "bad.toml").write_text(f'name = "{tmp_path / "victim"}"\n')
+    (tmp_path / "work").mkdir()
+    before = _snapshot(tmp_path)
+    for args in (["--name", "../victim"], ["--name", str(tmp_path / "victim")], ["--name", ".."],
+                 ["--config", str(tmp_path / "bad.toml")]):
+        _one_line_error(_cli("train", *FAST, "--out", "runs", *args, cwd=tmp_path / "work"), "--name",
+                        "one folder name")
+    assert _snapshot(tmp_path) == before  # nothing written anywhere, no empty runs/ folder either
+
+
+# --- item 2: a finished run is never replaced ------------------------------------------------------
+
+def test_a_second_run_never_replaces_the_first(tmp_path):
+    """failed before: a second ``actsparse train`` (same default name) replaced model.safetensors,
+    config.json and metrics, and left the first run's figures beside the new ones."""
+    first = _cli("train", *FAST, "--out", str(tmp_path), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    old = _snapshot(tmp_path / "classic")
+    second = _cli("train", *FAST, "--seed", "1", "--out", str(tmp_path), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "classic-2" in second.stdout and _snapshot(tmp_path / "classic") == old
+    assert json.loads((tmp_path / "classic-2" / "config.json").read_text())["name"] == "classic-2"
+    # an explicit name that holds a run: refused, nothing changed
+    _one_line_error(_cli("train", *FAST, "--out", str(tmp_path), "--name", "classic", cwd=tmp_path),
+                    "holds another run", "--overwrite")
+    assert _snapshot(tmp_path / "classic") == old
+
+
+def test_overwrite_removes_every_file_of_the_old_run_and_nothing_else(tmp_path):
+    """--overwrite replaces a run: no figure of the old run survives (failed before: a synthetic
+    run's report showed the old image run's filters.png), a file of the user's is kept."""
+    run = tmp_path / "r"
+    assert _cli("train", "--samples", "300", "--iterations", "3", "--no-progress", "--threads", "1",
+                "--out", str(tmp_path), "--name", "r", cwd=tmp_path).returncode == 0
+    assert (run / "filters.png").is_file()
+    (run / "notes.txt").write_text("mine")
+    r = _cli("train", "--data", "synthetic", "--samples", "300", "--hidden", "8", "--activation", "relu",
+             "--decoder", "linear", "--penalty", "l1", "--optimizer", "adam", "--epochs", "1", "--no-progress",
+             "--threads", "1", "--out", str(tmp_path), "--name", "r", "--overwrite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (run / "filters.png").exists() and not (run / "reconstructions.png").exists()
+    assert (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["data"] == "synthetic"
+    _one_line_error(_cli("train", "--out", str(tmp_path), "--name", "r", "--overwrite", "--resume", cwd=tmp_path),
+                    "choose one")
+
+
+# --- items 5-7: resume ------------------------------------------------------------------------------
+
+def test_resume_without_config_json_uses_the_checkpoints_config(tmp_path):
+    """A kill between the checkpoint.pt rename and the config.json write. failed before: "nothing
+    to resume: config.json does not exist", although checkpoint.pt embeds the config."""
+    assert _cli("train", *FAST, "--out", str(tmp_path), "--name", "r", cwd=tmp_path).returncode == 0
+    (tmp_path / "r" / "config.json").unlink()
+    r = _cli("train", "--resume", "--iterations", "6", "--no-progress", "--threads", "1", "--out", str(tmp_path),
+             "--name", "r", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "for 6 steps" in r.stdout
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["iterations"] == 6
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_the_settings(tmp_path):
+    """failed before: a checkpoint of a run with the same shapes but another seed and lr was resumed
+    without a word. Also: resuming with another optimiser (failed before: "param_groups")."""
+    base = ["--data", "synthetic", "--samples", "300", "--hidden", "8", "--activation", "relu", "--decoder",
+            "linear", "--penalty", "l1", "--optimizer", "adam", "--epochs", "1", "--no-progress", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert _cli("train", *base, "--name", "a", cwd=tmp_path).returncode == 0
+    assert _cli("train", *base, "--name", "b", "--seed", "7", "--lr", "0.01", cwd=tmp_path).returncode == 0
+    (tmp_path / "a" / "checkpoint.pt").write_bytes((tmp_path / "b" / "checkpoint.pt").read_bytes())
+    (tmp_path / "a" / "checkpoint.prev.pt").unlink(missing_ok=True)
+    before = _snapshot(tmp_path)
+    line = _one_line_error(_cli("train", "--resume", "--epochs", "2", "--out", str(tmp_path), "--name", "a",
+                                "--no-progress", cwd=tmp_path), "seed (checkpoint 7, now 0)", "lr (checkpoint 0.01")
+    assert "other settings" in line
+    _one_line_error(_cli("train", "--resume", "--epochs", "2", "--optimizer", "sgd", "--out", str(tmp_path),
+                         "--name", "b", "--no-progress", cwd=tmp_path), "optimizer (checkpoint 'adam', now 'sgd')")
+    assert _snapshot(tmp_path) == before
+
+
+def test_config_file_on_resume_is_applied_or_refused_never_ignored(tmp_path):
+    """failed before: ``--config FILE --resume`` ignored FILE (``iterations = 60`` left the run at 20)."""
+    assert _cli("train", *FAST, "--out", str(tmp_path), "--name", "r", cwd=tmp_path).returncode == 0
+    (tmp_path / "more.toml").write_text("iterations = 9\n")
+    r = _cli("train", "--config", str(tmp_path / "more.toml"), "--resume", "--out", str(tmp_path), "--name", "r",
+             "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "for 9 steps" in r.stdout
+    (tmp_path / "other.toml").write_text("hidden = 30\niterations = 12\n")
+    _one_line_error(_cli("train", "--config", str(tmp_path / "other.toml"), "--resume", "--out", str(tmp_path),
+                         "--name", "r", "--no-progress", cwd=tmp_path), "hidden (checkpoint 25, now 30)")
+
+
+def test_broken_run_configs_are_named(tmp_path):
+    """failed before: a malformed config.json gave a JSON error without the file name; one without
+    d_in said "d_in"; a list said "'str' object cannot be interpreted as an integer"."""
+    assert _cli("train", *FAST, "--out", str(tmp_path), "--name", "r", cwd=tmp_path).returncode == 0
+    cfg = tmp_path / "r" / "config.json"
+    good = json.loads(cfg.read_text())
+    cases = {"{": "is not valid JSON", json.dumps({k: v for k, v in good.items() if k != "d_in"}): "no valid 'd_in'",
+             json.dumps(["a", "b"]): "must hold a JSON object"}
+    for text, needle in cases.items():
+        cfg.write_text(text)
+        for args in (["train", "--resume", "--out", str(tmp_path), "--name", "r"], ["eval", str(tmp_path / "r")]):
+            _one_line_error(_cli(*args, cwd=tmp_path), str(cfg), needle)
+
+
+# --- messages and guards ----------------------------------------------------------------------------
+
+def test_config_file_errors_are_one_line(tmp_path):
+    """failed before: a huge YAML seed gave "Overflow when unpacking long long"; malformed YAML
+    gave 8 lines."""
+    (tmp_path / "seed.yaml").write_text("seed: 123456789012345678901234567890\n")
+    _one_line_error(_cli("train", "--config", str(tmp_path / "seed.yaml"), cwd=tmp_path), "--seed", "2**63")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\nb: {\n")
+    _one_line_error(_cli("train", "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path), "cannot parse")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_training_guards_with_a_reason(tmp_path):
+    """--validation 0.999 (failed before: "x is empty (shape (0, 16))"); --whiten zca with the sigmoid
+    decoder (failed before: FVU 1.000 and exit 0); --auxk with ReLU units (failed before: ignored).
+    No run folder is left behind by a run that failed before writing anything."""
+    _one_line_error(_cli("train", *FAST, "--validation", "0.999", "--out", "runs", cwd=tmp_path),
+                    "--validation 0.999", "leaves 0")
+    _one_line_error(_cli("train", *FAST, "--whiten", "zca", "--out", "runs", cwd=tmp_path),
+                    "--decoder sigmoid", "--decoder linear")
+    _one_line_error(_cli("train", *FAST, "--activation", "relu", "--auxk", "4", "--out", "runs", cwd=tmp_path),
+                    "--auxk", "topk")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_learnt_nothing_says_so(tmp_path):
+    """ReLU units with the Bernoulli KL on digits: FVU ≈ 1. failed before: exit 0 and no word."""
+    r = _cli("train", "--data", "digits", "--activation", "relu", "--decoder", "linear", "--iterations", "5",
+             "--no-plots", "--no-progress", "--threads", "1", "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    fvu = json.loads((tmp_path / "classic" / "metrics.json").read_text())["fvu"]
+    if fvu >= 0.99:
+        assert "warning: FVU" in r.stdout and "poisson_kl" in r.stdout, r.stdout
+    else:
+        assert "warning: FVU" not in r.stdout
+
+
+def test_fvu_of_data_without_variance_is_undefined(tmp_path):
+    """failed before: FVU printed as 7e307."""
+    import numpy as np
+
+    from actsparse import metrics as M
+
+    x = torch.full((50, 4), 0.5, dtype=torch.float64)
+    assert torch.isnan(M.fvu(x, x * 0.9))
+    np.save(tmp_path / "flat.npy", np.full((300, 16), 0.5, dtype=np.float32))
+    r = _cli("train", "--data", str(tmp_path / "flat.npy"), "--hidden", "4", "--iterations", "3", "--no-plots",
+             "--no-progress", "--threads", "1", "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "FVU undefined (the data have no variance)" in r.stdout, r.stdout
+
+
+def test_plot_skips_a_torn_last_line(tmp_path):
+    """failed before: ``actsparse plot`` failed on the half line a kill leaves in metrics.jsonl,
+    which train itself skips."""
+    assert _cli("train", *FAST, "--out", str(tmp_path), "--name", "r", cwd=tmp_path).returncode == 0
+    log = tmp_path / "r" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 5, "lo')
+    r = _cli("plot", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r" / "loss.png").is_file()
+
+
+def test_nan_weights_are_named_before_training():
+    """failed before: NaN in the weights was blamed on the activations and the learning rate."""
+    from actsparse.build import build_model
+
+    cfg = TrainConfig(hidden=4, iterations=2, validation=0.0, plots=False, progress=False)
+    model = build_model(cfg, 16).double()
+    with torch.no_grad():
+        model.W_enc[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weights of the model given contain NaN/Inf before training \(W_enc\)"):
+        train(cfg, _data(), model=model)
