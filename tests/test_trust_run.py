@@ -299,3 +299,74 @@ def test_nan_weights_are_named_before_training():
         model.W_enc[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"weights of the model given contain NaN/Inf before training \(W_enc\)"):
         train(cfg, _data(), model=model)
+
+
+# --- item 4: SIGTERM, SIGHUP and an early Ctrl-C ---------------------------------------------------
+
+SIGNAL_ARGS = ["train", "--data", "synthetic", "--samples", "2000", "--hidden", "32", "--activation", "relu",
+               "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3", "--optimizer", "adam", "--lr", "3e-3",
+               "--epochs", "60", "--batch-size", "64", "--checkpoint-every", "1000", "--no-plots", "--no-progress",
+               "--threads", "1"]
+
+
+def _popen(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "actsparse", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count("\n") >= steps // 10:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {steps}: {proc.poll()}")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_checkpoints_the_step_reached_and_resume_is_bit_identical(tmp_path, sig):
+    """failed before: SIGTERM and SIGHUP ended the run with no checkpoint and no message (SIGINT was
+    handled). Now: one line, exit 128 + signal, a checkpoint at the step reached (not the last
+    scheduled one: checkpoints are every 1,000 steps here), and --resume ends bit-identical to an
+    uninterrupted run."""
+    import signal
+
+    from actsparse import checkpoint as ck
+
+    signum = getattr(signal, sig)
+    proc = _popen(*SIGNAL_ARGS, "--out", str(tmp_path), "--name", "cut", cwd=tmp_path)
+    _wait_for_steps(proc, tmp_path / "cut" / "metrics.jsonl", 50)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    line = _one_line_error(r, f"stopped by {sig} after step", "--resume", code=128 + signum)
+    step = int(line.split("after step ")[1].split(";")[0])
+    payload, _ = ck.load_latest(tmp_path / "cut")
+    assert payload["step"] == step and 50 <= step < 1000  # the step reached, not a scheduled checkpoint
+    resumed = _cli("train", "--resume", "--out", str(tmp_path), "--name", "cut", "--no-progress", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    full = _cli(*SIGNAL_ARGS, "--out", str(tmp_path), "--name", "full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(s) for s in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(s) for s in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in reference]
+
+
+@pytest.mark.parametrize("sig,delay", [("SIGINT", 0.3), ("SIGTERM", 0.3), ("SIGTERM", 1.5)])
+def test_a_signal_before_training_is_one_line(tmp_path, sig, delay):
+    """failed before: Ctrl-C in the first 0.6 s of ``train`` printed a traceback (torch's import)."""
+    import signal
+    import time
+
+    proc = _popen(*SIGNAL_ARGS, "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    _one_line_error(r, f"stopped by {sig}", code=128 + getattr(signal, sig))
+    run = tmp_path / "runs" / "classic"
+    assert not run.exists() or any(run.iterdir())  # no empty run folder left behind
