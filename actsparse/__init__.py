@@ -9,6 +9,8 @@ Pure functions live in :mod:`actsparse.functional`; penalty objects, :func:`atta
 """
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 # The names below are imported on first use (PEP 562), not with the package: ``actsparse.cli``
@@ -58,6 +60,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The package's module type. Importing the submodule ``actsparse.attach`` makes Python set the
+    package's attribute ``attach`` to that module, over the exported function of the same name (an
+    eager ``from .attach import attach`` used to set it back); the function stays exported."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "attach" and isinstance(value, types.ModuleType):
+            value = value.attach
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

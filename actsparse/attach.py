@@ -15,12 +15,18 @@ What the hooks do, and why (each point is a pitfall of the hand-written hook in 
   ``capture="always"``.
 * Hooks are removed by :meth:`Attachment.remove`, or on leaving a ``with`` block even if
   training raised.
+* A penalty with a moving average keeps one per (layer, call), and :meth:`Attachment.stats`
+  reports every call of a layer, so nothing mixes across layers or calls.
+* The hooks are picklable objects (bound methods), not closures: ``copy.deepcopy(model)`` and
+  ``torch.save(model)`` carry an attachment of their own, found with
+  ``Attachment.find(copy)[0]``; the copy's forward never feeds the original's ``penalty()``.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .penalties import Penalty
+from .penalties import Penalty, _flatten
 
 __all__ = ["attach", "regularize", "Regularized", "Attachment", "TargetStats", "find_targets"]
 
@@ -176,8 +182,9 @@ class TargetStats:
         mean_rho_hat: mean over units of ρ̂_j (the mean activation).
         target: the penalty's target ρ, if it has one.
         active_fraction: fraction of activations above the firing threshold.
-        dead_units: units that never fired in the latest forward.
-        units: number of units (summed over the widths, if the module ran on several).
+        dead_units: units that never fired in the latest forward, counted per call (a unit
+            silent in both of two calls counts twice).
+        units: number of units, summed over the calls (a module of 4 units called twice: 8).
         calls: how many times the module ran in the latest forward.
     """
 
@@ -191,15 +198,29 @@ class TargetStats:
 
 
 class _Hooked:
-    """One (module, penalty) pair and what its hook captured in the current forward."""
+    """One (module, penalty) pair and what its hook captured in the current forward.
 
-    __slots__ = ("name", "module", "penalty", "handle", "value", "calls", "captured")
+    ``target`` is the pair's index among the targets of the same penalty object: with the call
+    index it picks the penalty's moving average (``slot``), so targets and calls never share one.
+    """
+
+    __slots__ = ("name", "module", "penalty", "handle", "target", "value", "calls", "captured")
 
     def __init__(self, name: str, module: nn.Module, penalty: Penalty) -> None:
         self.name = name
         self.module = module
         self.penalty = penalty
         self.handle = None
+        self.target = 0
+        self.clear()
+
+    # A copy or a pickle carries the pairing, not the capture: the captured values hang on the
+    # original's autograd graph (deepcopy refuses non-leaf tensors) and belong to its step.
+    def __getstate__(self) -> tuple:
+        return self.name, self.module, self.penalty, self.handle, self.target
+
+    def __setstate__(self, state: tuple) -> None:
+        self.name, self.module, self.penalty, self.handle, self.target = state
         self.clear()
 
     def clear(self) -> None:
@@ -210,23 +231,24 @@ class _Hooked:
         # outputs are alive anyway until the backward, and are released at the next forward.
         self.captured: list[tuple[Tensor, int, float | Tensor]] = []
 
+    def activations_finite(self) -> bool | None:
+        """Whether every output captured in this forward is finite; None if they were not kept
+        (``stats=False``) or were modified in place since. For error messages only."""
+        if not self.captured or any(a._version != v for a, v, _ in self.captured):
+            return None
+        return all(bool(torch.isfinite(a).all()) for a, _, _ in self.captured)
+
     def unit_sums(self) -> dict[int, list] | None:
-        """Per width: ``[calls, Σ ρ̂ (units,), Σ firing fraction (units,)]``; a module called on
-        inputs of different widths (one ReLU after layers of 32 and 16 units) gets one entry each.
-        None if an output was modified in place after the hook saw it (e.g. a following
-        ``ReLU(inplace=True)``): its statistics are gone."""
+        """Per call of the latest forward: ``[1, ρ̂ (units,), firing fraction (units,)]``. Each call
+        is its own entry, whatever its width: averaging two calls of one shared ReLU unit by unit
+        would hide a unit that is dead in one of them. None if an output was modified in place
+        after the hook saw it (e.g. a following ``ReLU(inplace=True)``): its statistics are gone."""
         sums: dict[int, list] = {}
-        for a, version, th in self.captured:
+        for call, (a, version, th) in enumerate(self.captured):
             if a._version != version:
                 return None
             rho, fire = _unit_stats(a, self.penalty.unit_dim, th)
-            entry = sums.get(rho.numel())
-            if entry is None:
-                sums[rho.numel()] = [1, rho, fire]
-            else:
-                entry[0] += 1
-                entry[1] = entry[1] + rho
-                entry[2] = entry[2] + fire
+            sums[call] = [1, rho, fire]
         return sums
 
 
@@ -257,12 +279,15 @@ class Attachment:
         # Penalties check their own input eagerly; under torch.compile they cannot, so the total
         # is checked here, outside the compiled region (one host sync per step).
         self._check = any(h.penalty.check for h in hooked)
+        _number_targets(hooked)
+        # Bound methods and partials, not closures: deepcopy and pickle copy them with the model,
+        # so a copy gets hooks that feed a copy of this attachment (see find()).
         self._handles = [
             model.register_forward_pre_hook(self._begin_forward),
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
         for h in hooked:
-            h.handle = h.module.register_forward_hook(self._make_hook(h))
+            h.handle = h.module.register_forward_hook(functools.partial(self._on_output, h))
             self._handles.append(h.handle)
         # Penalties attached by name are not children of the model: keep them in one container
         # for state_dict and .to().
@@ -287,30 +312,32 @@ class Attachment:
             return True
         return module.training and torch.is_grad_enabled()
 
-    def _make_hook(self, h: _Hooked):
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            if not self._should_capture(module):
-                return
-            if not self._in_root and (self._consumed or not self._direct):
-                # A submodule called directly, not through the model: a new capture starts at the
-                # first such call after a model forward or after penalty() was read.
-                self._clear()
-                self._direct = True
-            a = first_tensor(output, h.name)
-            penalty = h.penalty
-            if penalty.training != module.training:
-                penalty.train(module.training)
-            try:
-                value = penalty.forward(a)  # not penalty(a): nothing hooks a penalty, skip Module.__call__
-            except (ValueError, IndexError, TypeError) as err:
-                raise type(err)(f"penalty on {h.name!r} ({type(penalty).__name__}): {err}") from err
-            h.value = value if h.value is None else h.value + value
-            h.calls += 1
-            if self.track_stats:
-                th = penalty.firing_threshold  # a learned threshold moves at the next step: keep today's
-                h.captured.append((a.detach(), a._version, th.detach().clone() if isinstance(th, Tensor) else th))
-
-        return hook
+    def _on_output(self, h: _Hooked, module: nn.Module, args: object, output: object) -> None:
+        """The forward hook of target ``h`` (bound with functools.partial)."""
+        if not self._should_capture(module):
+            return
+        if not self._in_root and (self._consumed or not self._direct):
+            # A submodule called directly, not through the model: a new capture starts at the
+            # first such call after a model forward or after penalty() was read.
+            self._clear()
+            self._direct = True
+        a = first_tensor(output, h.name)
+        penalty = h.penalty
+        if penalty.training != module.training:
+            penalty.train(module.training)
+        try:
+            # not penalty(a): nothing hooks a penalty, skip Module.__call__
+            if penalty.stateful:  # its moving average for this target and call
+                value = penalty.forward(a, slot=(h.target, h.calls))
+            else:
+                value = penalty.forward(a)
+        except (ValueError, IndexError, TypeError) as err:
+            raise type(err)(f"penalty on {h.name!r} ({type(penalty).__name__}): {err}") from err
+        h.value = value if h.value is None else h.value + value
+        h.calls += 1
+        if self.track_stats:
+            th = penalty.firing_threshold  # a learned threshold moves at the next step: keep today's
+            h.captured.append((a.detach(), a._version, th.detach().clone() if isinstance(th, Tensor) else th))
 
     # ---------------------------------------------------------------- results
     def _device(self) -> torch.device:
@@ -342,20 +369,46 @@ class Attachment:
             for v in values[1:]:  # mixed dtypes or devices: add with type promotion
                 total = total + v
         if self._check and not math.isfinite(float(total.detach())):
-            bad = [k for k, v in self.penalties_by_target().items() if not bool(torch.isfinite(v.detach()))]
-            raise ValueError(f"the penalty is not finite (NaN/Inf) for: {', '.join(bad)}; "
-                             "the activations of these layers contain NaN or Inf")
+            raise ValueError(self._not_finite(total))
         return total
 
+    def _not_finite(self, total: Tensor) -> str:
+        """Why the total is NaN/Inf, in one line: which targets, and whether their activations
+        were finite (a float16 value above 65504 is an overflow, not a NaN in the layer)."""
+        dtype = _dtype_name(total.dtype)
+        keyed = [(k, h) for k, h in self._keyed() if h.value is not None]
+        bad = [(k, h) for k, h in keyed if not bool(torch.isfinite(h.value.detach()))]
+        if not bad:  # every target is finite: their sum is not
+            exact = sum(float(h.value.detach().double()) for _, h in keyed)
+            top = torch.finfo(total.dtype).max
+            return (f"the sum of the penalties ({exact:.4g}) overflows {dtype} (max {top:.5g}) although each "
+                    "is finite; lower the weights, or compute the penalties in float32")
+        causes = []
+        for key, h in bad:
+            finite = h.activations_finite()
+            if finite is None:
+                causes.append(f"{key} (NaN/Inf activations, or a value too large for {_dtype_name(h.value.dtype)})")
+            elif finite:
+                causes.append(f"{key} (overflows {_dtype_name(h.value.dtype)} although its activations are finite: "
+                              "lower the weight or compute in float32)")
+            else:
+                causes.append(f"{key} (its activations contain NaN or Inf: check the layer's input "
+                              "and the learning rate)")
+        return "the penalty is not finite for: " + "; ".join(causes)
+
     def _keyed(self) -> Iterator[tuple[str, _Hooked]]:
+        """``(key, pair)`` with unique keys: the module name; ``name:Class`` when a module has
+        several penalties; ``name:Class#2``, ``#3``... when those coincide too."""
         counts: dict[str, int] = {}
         for h in self._hooked:
             counts[h.name] = counts.get(h.name, 0) + 1
+        seen: dict[str, int] = {}
         for h in self._hooked:
             key = h.name or "<model>"
             if counts[h.name] > 1:
                 key = f"{key}:{type(h.penalty).__name__}"
-            yield key, h
+            seen[key] = seen.get(key, 0) + 1
+            yield (key if seen[key] == 1 else f"{key}#{seen[key]}"), h
 
     def stats(self) -> dict[str, TargetStats]:
         """Per target: penalty, mean ρ̂, target, active fraction and dead units of the latest forward.
@@ -377,9 +430,9 @@ class Attachment:
                 value = float(h.value.detach()) if h.value is not None else math.nan
                 out[key] = TargetStats(value, math.nan, target, math.nan, 0, 0, h.calls)
                 continue
-            # average calls of the same width; units of different widths are listed side by side
-            rho = torch.cat([r / n for n, r, _ in sums.values()])
-            fire = torch.cat([f / n for n, _, f in sums.values()])
+            # every call's units side by side: a unit dead in one call of a shared module counts there
+            rho = torch.cat([r for _, r, _ in sums.values()])
+            fire = torch.cat([f for _, _, f in sums.values()])
             out[key] = TargetStats(
                 penalty=float(h.value.detach()) if h.value is not None else math.nan,
                 mean_rho_hat=float(rho.mean()),
@@ -443,10 +496,64 @@ class Attachment:
         self.penalties.to(*args, **kwargs)
         return self
 
+    def __getstate__(self) -> dict:
+        # a copy starts between forwards (the captures stay with the original: see _Hooked)
+        return {**self.__dict__, "_consumed": False, "_in_root": False, "_direct": False}
+
+    @staticmethod
+    def find(model: nn.Module) -> list[Attachment]:
+        """The attachments whose hooks are on ``model``, oldest first.
+
+        This is how to reach the attachment of a copy: ``copy.deepcopy(model)`` and
+        ``torch.save``/``torch.load`` copy the hooks with the model, each copy feeding its own
+        attachment (and its own penalty objects, unless they are the model's children)::
+
+            clone = copy.deepcopy(model)
+            (reg,) = actsparse.Attachment.find(clone)
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Attachment.find() takes an nn.Module, got {type(model).__name__}")
+        model = getattr(model, "_orig_mod", model)
+        found = []
+        for hook in model._forward_pre_hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, Attachment) and getattr(hook, "__func__", None) is Attachment._begin_forward:
+                found.append(owner)
+        return found
+
     def __repr__(self) -> str:
         lines = [f"{key}: {h.penalty!r}" for key, h in self._keyed()]
         state = "active" if self.active else "removed"
         return f"Attachment({state}; " + "; ".join(lines) + ")"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _number_targets(hooked: list[_Hooked]) -> None:
+    """Give each pair its index among the targets of its penalty object (its moving averages).
+
+    Raises ``ValueError`` when one stateful penalty is a term of two different penalty objects
+    (``p`` on one layer, ``p + L1(...)`` on another): both would use its first average.
+    """
+    seen: dict[int, int] = {}
+    owner: dict[int, tuple[Penalty, str]] = {}
+    for h in hooked:
+        if not h.penalty.stateful:
+            continue
+        h.target = seen.get(id(h.penalty), 0)
+        seen[id(h.penalty)] = h.target + 1
+        for term in _flatten(h.penalty):
+            if not term.stateful:
+                continue
+            first, where = owner.setdefault(id(term), (h.penalty, h.name))
+            if first is not h.penalty:
+                raise ValueError(
+                    f"one {type(term).__name__} with momentum is part of two different penalties (on "
+                    f"{where!r} and {h.name!r}), whose moving averages would mix; build a separate "
+                    "penalty object for each"
+                )
 
 
 PenaltySpec = Union[Penalty, Sequence[Penalty]]

@@ -174,8 +174,11 @@ def _short(value: float | Tensor) -> str:
     return repr(value)
 
 
-def _check_rate(rate: Tensor, *, upper: float | None, penalty: str) -> None:
-    """One host sync that catches NaN/Inf activations and rates outside the divergence's domain.
+def _check_rate(rate: Tensor, *, upper: float | None, penalty: str, result: Tensor | None = None,
+                dtype: torch.dtype | None = None) -> None:
+    """One host sync that catches NaN/Inf activations and rates outside the divergence's domain
+    and, given the penalty ``result`` (scalar, compute dtype), a value that overflows ``dtype``
+    (the caller's, e.g. float16) although the rates are fine.
 
     Skipped while ``torch.compile`` traces (a data-dependent branch would break the graph);
     :meth:`actsparse.Attachment.penalty` still checks the total outside the compiled region.
@@ -187,6 +190,8 @@ def _check_rate(rate: Tensor, *, upper: float | None, penalty: str) -> None:
     flags = [~finite.all(), low.any()]
     if upper is not None:
         flags.append((rate > upper).any())
+    if result is not None:
+        flags.append(~torch.isfinite(result.detach().to(dtype or result.dtype)).all())
     bad = torch.stack(flags).tolist()
     if bad[0]:
         n = int((~finite).sum())
@@ -207,6 +212,22 @@ def _check_rate(rate: Tensor, *, upper: float | None, penalty: str) -> None:
             f"(max {float(rate.max()):.4g}). For unbounded non-negative activations such as ReLU "
             "use PoissonKL (actsparse.functional.poisson_kl), the generalised KL."
         )
+    if result is not None and bad[-1]:
+        raise ValueError(_overflow_message(penalty, float(result.detach()), dtype or result.dtype,
+                                           "the activations are finite"))
+
+
+def _overflow_message(name: str, value: float, dtype: torch.dtype, why: str) -> str:
+    """One line: ``name`` (= value, when the compute dtype held it) does not fit ``dtype``."""
+    shown = f" = {value:.4g}" if math.isfinite(value) else ""
+    return (f"{name}{shown} overflows {str(dtype).replace('torch.', '')} (max {torch.finfo(dtype).max:.5g}) "
+            f"although {why}; lower the weight, or compute the penalty in a wider dtype (a.float(), or "
+            "float64)")
+
+
+def _fits(value: float, dtype: torch.dtype) -> bool:
+    """Whether a finite Python float stays finite when cast to ``dtype`` (rounding included)."""
+    return value == 0.0 or math.isfinite(float(torch.tensor(value, dtype=torch.float64).to(dtype)))
 
 
 def _reduce(x: Tensor, reduction: str) -> Tensor:
@@ -269,11 +290,20 @@ def mean_activation(a: Tensor, unit_dim: int = -1) -> Tensor:
     return a.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
 
+def rectangle_window(a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((a − θ)/ε) as a bool tensor, with the rectangle kernel K(u) = 1{|u| < 1/2}."""
+    u = (a - threshold) / bandwidth
+    return (u > -0.5) & (u < 0.5)
+
+
 def rectangle_kernel(a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """(1/ε)·K((a − θ)/ε) with the rectangle kernel K(u) = 1{|u| < 1/2}: the pseudo-derivative of
     H(a − θ) (Rajamanoharan et al. 2024, eq. 11). Shared by the frequency penalty and JumpReLU."""
-    u = (a - threshold) / bandwidth
-    return ((u > -0.5) & (u < 0.5)).to(a.dtype) / bandwidth
+    return _kernel(rectangle_window(a, threshold, bandwidth), a.dtype, bandwidth)
+
+
+def _kernel(window: Tensor, dtype: torch.dtype, bandwidth: float) -> Tensor:
+    return window.to(dtype) / bandwidth
 
 
 class _HeavisideST(torch.autograd.Function):
@@ -286,18 +316,21 @@ class _HeavisideST(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(a, threshold)
-        ctx.bandwidth = bandwidth
+        # Keep the window (bool), not a: a layer after the hooked one may overwrite a in place
+        # (nn.ReLU(inplace=True)), which would make a saved a unusable in backward.
+        if any(ctx.needs_input_grad[:2]):
+            ctx.save_for_backward(rectangle_window(a, threshold, bandwidth))
+        ctx.bandwidth, ctx.threshold_shape = bandwidth, threshold.shape
         return (a > threshold).to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        a, threshold = ctx.saved_tensors
-        g = grad * rectangle_kernel(a, threshold, ctx.bandwidth)
+        (window,) = ctx.saved_tensors
+        g = grad * _kernel(window, grad.dtype, ctx.bandwidth)
         grad_a = g if ctx.needs_input_grad[0] else None
         grad_t = None
         if ctx.needs_input_grad[1]:
-            grad_t = (-g).sum_to_size(threshold.shape)
+            grad_t = (-g).sum_to_size(ctx.threshold_shape)
         return grad_a, grad_t, None
 
 
@@ -437,19 +470,23 @@ def _activity_divisor(a: Tensor, reduction: str) -> float:
 
 
 def check_finite_result(value: Tensor, a: Tensor) -> None:
-    """One host sync on a reduced value; on failure, say how many activations are bad."""
+    """One host sync on a reduced value; on failure, say how many activations are bad, or that the
+    value (reduced in float32) does not fit ``a``'s dtype (float16's max is 65504)."""
     if torch.compiler.is_compiling():
         return
     # a scalar is read directly (one host read, no kernels: this runs in every hook call)
-    finite = math.isfinite(float(value.detach())) if value.dim() == 0 else bool(torch.isfinite(value.detach()).all())
+    v = float(value.detach()) if value.dim() == 0 else math.nan
+    finite = math.isfinite(v) if value.dim() == 0 else bool(torch.isfinite(value.detach()).all())
+    narrower = a.dtype.is_floating_point and torch.finfo(a.dtype).max < torch.finfo(value.dtype).max
+    if finite and narrower and value.dim() == 0 and not _fits(v, a.dtype):
+        why = f"every activation is finite (largest |a| = {float(a.detach().abs().max()):.3g}, shape {tuple(a.shape)})"
+        raise ValueError(_overflow_message("the penalty", v, a.dtype, why))
     if not finite:
         bad = int((~torch.isfinite(a.detach())).sum())
         if bad == 0:  # finite activations whose penalty is too large for the dtype (e.g. Σa² of 1e30s)
-            raise ValueError(
-                f"the penalty overflowed {value.dtype} (max {torch.finfo(value.dtype).max:.3g}) although "
-                f"every activation is finite (largest |a| = {float(a.detach().abs().max()):.3g}, shape "
-                f"{tuple(a.shape)}); rescale the activations or compute in float64"
-            )
+            why = (f"every activation is finite (largest |a| = {float(a.detach().abs().max()):.3g}, "
+                   f"shape {tuple(a.shape)})")
+            raise ValueError(_overflow_message("the penalty", v, value.dtype, why))
         raise ValueError(
             f"activations contain NaN or Inf ({bad} of {a.numel()} elements, shape "
             f"{tuple(a.shape)}); check the layer's input and learning rate"
@@ -458,29 +495,48 @@ def check_finite_result(value: Tensor, a: Tensor) -> None:
 
 class _ScaledL1Norm(torch.autograd.Function):
     """``scale · Σ|a|`` reduced in ``dtype``, as one autograd node whose backward is
-    ``sgn(a)·(g·scale)`` in one allocation. Autograd's own graph for the same expression has
-    three nodes and two more passes over ``a``; this runs once per hooked layer and step."""
+    ``sgn(a)·(g·scale)``. Autograd's own graph for the same expression has three nodes and two
+    more passes over ``a``; this runs once per hooked layer and step.
+
+    It keeps sgn(a) as int8 rather than ``a`` itself: a layer after the hooked one may overwrite
+    ``a`` in place (``nn.ReLU(inplace=True)``), which would make a saved ``a`` unusable in
+    backward. (With ``check=False``, a NaN element gets a zero gradient: its sign is not kept.)"""
 
     @staticmethod
     def forward(ctx, a: Tensor, dtype: torch.dtype, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(a)
-        ctx.scale = scale
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.sgn(a).to(torch.int8))
+        ctx.scale, ctx.a_dtype = scale, a.dtype
         return torch.linalg.vector_norm(a, ord=1, dtype=dtype) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (a,) = ctx.saved_tensors
-        return torch.sgn(a).mul_(grad * ctx.scale), None, None
+        (sign,) = ctx.saved_tensors
+        s = sign.to(ctx.a_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: autograd records this, so no in-place op
+            return s * (grad * ctx.scale), None, None
+        return s.mul_(grad * ctx.scale), None, None
+
+
+def _in_caller_dtype(out: Tensor, a: Tensor, check: bool) -> Tensor:
+    """A weighted value reduced in the compute dtype, returned in ``a``'s dtype. With ``check``,
+    one host read raises ``ValueError`` for NaN/Inf activations and for a value ``a``'s dtype
+    cannot hold (float16 above 65504) instead of returning inf."""
+    if check:
+        check_finite_result(out, a)
+    return out.to(a.dtype)
 
 
 def scaled_l1(a: Tensor, weight: float = 1.0, *, reduction: ActivityReduction = "batchmean",
               check: bool = True) -> Tensor:
-    """``weight · l1(a, reduction=...)`` as one autograd node (what :class:`actsparse.L1` computes)."""
+    """``weight · l1(a, reduction=...)`` as one autograd node (what :class:`actsparse.L1` computes).
+
+    The weight is applied in the compute dtype, before the cast to ``a``'s dtype; with ``check``,
+    a weighted value that ``a``'s dtype cannot hold raises ``ValueError`` (dtype and value).
+    """
     _check_activations(a)
     out = _ScaledL1Norm.apply(a, _compute_dtype(a.dtype), weight / _activity_divisor(a, reduction))
-    if check:
-        check_finite_result(out, a)
-    return out.to(a.dtype)
+    return _in_caller_dtype(out, a, check)
 
 
 def l1(
@@ -492,7 +548,7 @@ def l1(
         a: activations ``(batch, ...)``.
         reduction: ``"batchmean"`` divides the sum by ``batch = a.shape[0]`` (the convention of
             Keras ≥ 3.14 activity regularizers, default); ``"sum"``; ``"mean"`` over elements.
-        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+        check: raise ``ValueError`` if the result is NaN/Inf or overflows ``a``'s dtype (one host sync).
 
     Returns:
         A scalar in ``a``'s dtype, reduced in float32 at least.
@@ -508,21 +564,26 @@ def l2(
     Args:
         a: activations ``(batch, ...)``.
         reduction: as for :func:`l1`.
-        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+        check: raise ``ValueError`` if the result is NaN/Inf or overflows ``a``'s dtype (one host sync).
 
     Returns:
         A scalar in ``a``'s dtype, reduced in float32 at least.
     """
+    return scaled_l2(a, 1.0, reduction=reduction, check=check)
+
+
+def scaled_l2(a: Tensor, weight: float = 1.0, *, reduction: ActivityReduction = "batchmean",
+              check: bool = True) -> Tensor:
+    """``weight · l2(a, reduction=...)``, weighted in the compute dtype (what :class:`actsparse.L2`
+    computes): a float16 ``Σa²`` above 65504 whose weighted value fits is returned, not inf."""
     _check_activations(a)
-    # Divide by √divisor *before* squaring: the partial sums of Σ(a/√d)² never exceed the result,
-    # so the reduction overflows only when Σa²/d itself does (in float32, Σa² of four 1e19s is
-    # inf while Σa²/batch = 1e38 is not).
+    # Scale by √(weight/divisor) *before* squaring: the partial sums of Σ(a·c)² never exceed the
+    # result, so the reduction overflows only when weight·Σa²/d itself does (in float32, Σa² of
+    # four 1e19s is inf while Σa²/batch = 1e38 is not). The product is never a itself, so the
+    # square keeps no reference to a (an in-place layer after the hook may overwrite it).
     x = a.to(_compute_dtype(a.dtype))
-    divisor = _activity_divisor(a, reduction)
-    out = (x if divisor == 1.0 else x * (1.0 / math.sqrt(divisor))).square().sum()
-    if check:
-        check_finite_result(out, a)
-    return out.to(a.dtype)
+    out = (x * math.sqrt(weight / _activity_divisor(a, reduction))).square().sum()
+    return _in_caller_dtype(out, a, check)
 
 
 def hoyer(a: Tensor, *, check: bool = True) -> Tensor:
@@ -530,27 +591,36 @@ def hoyer(a: Tensor, *, check: bool = True) -> Tensor:
 
     Each sample is ``a[i]`` flattened; the value lies in [1, size] (1 = one active unit) and is
     scale-invariant, so it sparsifies without shrinking the activations. An all-zero sample
-    counts 0 (with zero gradient) instead of 0/0.
+    counts 0 (with zero gradient) instead of 0/0; so does a sample whose largest |a| is so small
+    (subnormal, below ~4·size/max of the compute dtype) that its gradient, O(size/max|a|), would
+    overflow.
 
     Args:
         a: activations ``(batch, ...)``.
-        check: raise ``ValueError`` if the result is NaN/Inf (one host sync).
+        check: raise ``ValueError`` if the result is NaN/Inf or overflows ``a``'s dtype (one host sync).
 
     Returns:
         A scalar in ``a``'s dtype, reduced in float32 at least.
     """
+    return scaled_hoyer(a, 1.0, check=check)
+
+
+def scaled_hoyer(a: Tensor, weight: float = 1.0, *, check: bool = True) -> Tensor:
+    """``weight · hoyer(a)``, weighted in the compute dtype (what :class:`actsparse.Hoyer` computes)."""
     _check_activations(a)
-    x = a.to(_compute_dtype(a.dtype)).reshape(a.shape[0], -1)
+    cd = _compute_dtype(a.dtype)
+    x = a.to(cd).reshape(a.shape[0], -1)
     # The measure is scale-invariant (degree 0), so dividing each sample by a detached positive
     # constant leaves value and gradient exactly unchanged, while keeping Σa² away from underflow.
+    # The division keeps no reference to a (the divisor is detached): an in-place layer after the
+    # hook may overwrite a. |∂R/∂x_i| ≤ 2√n + 2n for the scaled sample, so the gradient in a is
+    # that over the scale: a smaller scale counts as an all-zero sample.
     scale = x.detach().abs().amax(dim=1, keepdim=True)
-    x = x / torch.where(scale > 0, scale, torch.ones_like(scale))
+    tiny = scale <= 4.0 * x.shape[1] / torch.finfo(cd).max  # False for NaN: NaN stays in (and is reported)
+    x = torch.where(tiny, 0.0, x / torch.where(tiny, torch.ones_like(scale), scale))
     s1 = x.abs().sum(dim=1)
     s2 = x.square().sum(dim=1)
     nonzero = s2 != 0  # NaN stays in (and is reported), only exact zeros are masked
     # double where: the masked branch must not produce 0/0 even in the backward pass
     ratio = torch.where(nonzero, s1.square() / torch.where(nonzero, s2, torch.ones_like(s2)), 0.0)
-    out = ratio.mean()
-    if check:
-        check_finite_result(out, a)
-    return out.to(a.dtype)
+    return _in_caller_dtype(ratio.mean() * weight, a, check)

@@ -28,10 +28,11 @@ __all__ = ["KLSparseReg"]
 
 class _KLSparseRegFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, moving_avg: Tensor, target: float, penalty: float,  # type: ignore[override]
-                momentum: float, eps: float) -> Tensor:
-        # The batch mean is all backward needs from x, so keep it instead of x itself.
-        ctx.avg = x.detach().reshape(x.shape[0], -1).mean(dim=0, dtype=moving_avg.dtype)
+    def forward(ctx, x: Tensor, avg: Tensor, moving_avg: Tensor, target: float,  # type: ignore[override]
+                penalty: float, momentum: float, eps: float) -> Tensor:
+        # The batch mean (validated by KLSparseReg.forward) is all backward needs from x: keep it
+        # instead of x itself.
+        ctx.avg = avg
         ctx.moving_avg = moving_avg
         ctx.hyper = (target, penalty, momentum, eps)
         ctx.x_shape = x.shape
@@ -46,7 +47,7 @@ class _KLSparseRegFn(torch.autograd.Function):
             mc = m.clamp(eps, F._below_one(eps, m.dtype))  # 1 − eps must stay < 1 in m's dtype
             term = penalty * (-target / mc + (1.0 - target) / (1.0 - mc))
         g = grad_out.reshape(grad_out.shape[0], -1) + term.to(grad_out.dtype)
-        return g.reshape(ctx.x_shape), None, None, None, None, None
+        return g.reshape(ctx.x_shape), None, None, None, None, None, None
 
 
 class KLSparseReg(nn.Module):
@@ -60,12 +61,16 @@ class KLSparseReg(nn.Module):
         penalty: the coefficient of the gradient term (≥ 0). Default 0.001.
         momentum: μ in [0, 1) of the moving average. Default 0.9.
         eps: clamp of m inside the gradient term only. Default 1e-6.
+        check: refuse a training batch with NaN/Inf (``ValueError``) before it can reach the
+            moving average, with one host sync per training forward. Default True.
 
     Input/output: ``(batch, units)`` (other shapes are flattened to ``(batch, -1)`` as MXNet does).
 
     The moving average is the buffer ``moving_avg`` ``(units,)`` (in ``state_dict``), created with
     zeros on the first training forward, updated in backward only when the module was in
-    training mode; in eval mode or under ``no_grad`` the layer is a plain identity. Because the
+    training mode; in eval mode or under ``no_grad`` the layer is a plain identity. A NaN/Inf
+    batch would stay in the average forever, so (with ``check``) it is refused in forward, before
+    backward could fold it in. Because the
     term lives in backward, it adds nothing to the loss value: :meth:`kl` reports the current
     β·Σ KL(ρ‖m) for logging.
     """
@@ -73,7 +78,7 @@ class KLSparseReg(nn.Module):
     moving_avg: Tensor
 
     def __init__(self, target: float = 0.1, penalty: float = 0.001, momentum: float = 0.9,
-                 *, eps: float = F.DEFAULT_EPS) -> None:
+                 *, eps: float = F.DEFAULT_EPS, check: bool = True) -> None:
         super().__init__()
         F.check_probability("target", target)
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < float("inf"):
@@ -81,6 +86,7 @@ class KLSparseReg(nn.Module):
         F.check_momentum(momentum)
         F.check_probability("eps", eps)
         self.target, self.penalty, self.momentum, self.eps = float(target), float(penalty), float(momentum), float(eps)
+        self.check = bool(check)
         self.register_buffer("moving_avg", torch.empty(0))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -91,11 +97,21 @@ class KLSparseReg(nn.Module):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad):
             return x
         units = x[0].numel()
-        if self.moving_avg.numel() == 0:
-            self.moving_avg = torch.zeros(units, device=x.device, dtype=F._compute_dtype(x.dtype))
-        elif self.moving_avg.numel() != units:
+        fresh = self.moving_avg.numel() == 0
+        if not fresh and self.moving_avg.numel() != units:
             raise ValueError(f"KLSparseReg was used with {self.moving_avg.numel()} units, now {units}")
-        return _KLSparseRegFn.apply(x, self.moving_avg, self.target, self.penalty, self.momentum, self.eps)
+        dtype = F._compute_dtype(x.dtype) if fresh else self.moving_avg.dtype
+        avg = x.detach().reshape(x.shape[0], -1).mean(dim=0, dtype=dtype)
+        if self.check and not torch.compiler.is_compiling() and not bool(torch.isfinite(avg).all()):
+            bad = int((~torch.isfinite(avg)).sum())
+            raise ValueError(
+                f"KLSparseReg input contains NaN or Inf (the batch mean of {bad} of {units} units is not "
+                "finite); the batch was refused and the moving average left unchanged: check the "
+                "previous layer's input and the learning rate"
+            )
+        if fresh:
+            self.moving_avg = torch.zeros(units, device=x.device, dtype=dtype)
+        return _KLSparseRegFn.apply(x, avg, self.moving_avg, self.target, self.penalty, self.momentum, self.eps)
 
     @torch.no_grad()
     def kl(self) -> Tensor:
@@ -109,4 +125,5 @@ class KLSparseReg(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"target={self.target:g}, penalty={self.penalty:g}, momentum={self.momentum:g}"
+        extra = "" if self.check else ", check=False"
+        return f"target={self.target:g}, penalty={self.penalty:g}, momentum={self.momentum:g}{extra}"

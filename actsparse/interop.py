@@ -129,6 +129,29 @@ def _cfg_bool(cfg: dict[str, Any], file: Path, key: str, default: bool) -> bool:
     return v
 
 
+def _cfg_str(cfg: dict[str, Any], file: Path, key: str, default: str | None) -> str | None:
+    """``cfg[key]`` (``default`` when absent or null), which must be a string: a list or an object
+    would otherwise reach comparisons and dict look-ups that fail with a TypeError, not a message."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise CheckpointError(f"{file}: {key!r} must be a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _check_finite(file: Path, key: str, t: Tensor, *, allow_neg_inf: bool = False, after: str = "") -> None:
+    """Refuse NaN or ±inf weights: they give NaN codes and reconstructions, not an error, much later.
+
+    ``allow_neg_inf``: a log-threshold may be −inf (threshold 0). ``after``: how the tensor was
+    derived from the file's (e.g. a cast), for the message."""
+    bad = torch.isnan(t) | (t == torch.inf) if allow_neg_inf else ~torch.isfinite(t)
+    if bool(bad.any()):
+        n = int(bad.sum())
+        raise CheckpointError(f"{file}: tensor {key!r} has {n} non-finite value(s) (NaN or inf){after}; "
+                              "refusing to load it")
+
+
 class _Tensors:
     """The tensors of one file, taken by name and checked for shape; leftovers are an error."""
 
@@ -144,6 +167,7 @@ class _Tensors:
             raise CheckpointError(f"{self.file}: {key!r} has shape {tuple(t.shape)}, expected {shape} = {dims}")
         if not t.is_floating_point():
             raise CheckpointError(f"{self.file}: {key!r} must be floating point, got {t.dtype}")
+        _check_finite(self.file, key, t)
         return t
 
     def pop(self, key: str) -> Tensor | None:
@@ -156,17 +180,21 @@ class _Tensors:
 
 
 def _build(d_in: int, d_sae: int, activation: str, tensors: dict[str, Tensor], *, k: int | None, pre_bias: bool,
-           unit_norm: bool, dtype: torch.dtype, device) -> SparseAutoencoder:
+           unit_norm: bool, dtype: torch.dtype, device, file: Path) -> SparseAutoencoder:
     """A SparseAutoencoder holding ``tensors`` (actsparse names and shapes), without a random init.
 
     Built on the meta device and filled with ``load_state_dict(assign=True)``: no memory or time is
-    spent initialising weights that are overwritten, and the caller's RNG is untouched."""
+    spent initialising weights that are overwritten, and the caller's RNG is untouched. ``file``
+    (the weights file) names the source when a tensor is not finite after the cast to ``dtype``."""
     model = SparseAutoencoder(d_in, d_sae, activation, k=k, decoder="linear", pre_bias=pre_bias,
                               recon_loss="mse", device="meta", dtype=dtype)
     # set after construction: the constructor would renormalise the meta weights, and a norm on the
     # meta device imports torch's compiler stack (seconds) for nothing
     model.unit_norm_decoder = unit_norm
     state = {name: t.to(device=device, dtype=dtype).contiguous().clone() for name, t in tensors.items()}
+    for name, t in state.items():  # the file's values were finite; a cast to a narrower dtype may overflow
+        _check_finite(file, name, t, allow_neg_inf=name.endswith("log_threshold"),
+                      after=f" once cast to {dtype} (out of its range)")
     state["samples_since_fired"] = torch.zeros(d_sae, dtype=torch.long, device=device)
     model.load_state_dict(state, strict=True, assign=True)
     return model
@@ -192,8 +220,10 @@ def load_sparsify(path: str | Path, *, device=None, dtype: torch.dtype | None = 
         transcoder) and ``unit_norm_decoder = normalize_decoder``, in eval mode.
 
     Raises:
-        FileNotFoundError: a missing file. CheckpointError: a bad config value, a missing key, a
-        wrong shape, or a feature that actsparse does not have (groupmax, skip connection).
+        FileNotFoundError: a missing file. CheckpointError: a bad config value (wrong type or
+        value), a missing key, a wrong shape, a weight that is NaN or infinite (in the file or
+        after the cast to ``dtype``), or a feature that actsparse does not have (groupmax, skip
+        connection).
     """
     path = Path(path)
     cfg_file, weights_file = path / SPARSIFY_CFG, path / SPARSIFY_WEIGHTS
@@ -201,7 +231,7 @@ def load_sparsify(path: str | Path, *, device=None, dtype: torch.dtype | None = 
     d_in, k = _cfg_int(cfg, cfg_file, "d_in"), _cfg_int(cfg, cfg_file, "k")
     num_latents = _cfg_int(cfg, cfg_file, "num_latents", minimum=0) if "num_latents" in cfg else 0
     d_sae = num_latents or d_in * _cfg_int(cfg, cfg_file, "expansion_factor")
-    activation = cfg.get("activation", "topk")
+    activation = _cfg_str(cfg, cfg_file, "activation", "topk")
     if activation != "topk":
         raise CheckpointError(f"{cfg_file}: 'activation' {activation!r} is not supported (only 'topk')")
     if _cfg_bool(cfg, cfg_file, "skip_connection", False):
@@ -220,7 +250,7 @@ def load_sparsify(path: str | Path, *, device=None, dtype: torch.dtype | None = 
     t.done()
     model = _build(d_in, d_sae, "topk", tensors, k=k, pre_bias=not transcode,
                    unit_norm=_cfg_bool(cfg, cfg_file, "normalize_decoder", True),
-                   dtype=dtype or tensors["W_enc"].dtype, device=device)
+                   dtype=dtype or tensors["W_enc"].dtype, device=device, file=weights_file)
     return model.eval()
 
 
@@ -269,17 +299,24 @@ def save_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------- SAELens
 def _saelens_dtype(cfg: dict[str, Any], file: Path) -> torch.dtype:
     name = cfg.get("dtype", "float32")
-    key = name.removeprefix("torch.") if isinstance(name, str) else name
+    # a list or an object is unhashable: test the type before the look-up
+    key = name.removeprefix("torch.") if isinstance(name, str) else None
     if key not in _DTYPES:
-        raise CheckpointError(f"{file}: 'dtype' {name!r} is not one of {', '.join(_DTYPES)}")
+        raise CheckpointError(f"{file}: 'dtype' {name!r} is not one of {', '.join(_DTYPES)} "
+                              "(optionally prefixed 'torch.')")
     return _DTYPES[key]
 
 
 def _saelens_architecture(cfg: dict[str, Any], file: Path) -> tuple[str, int | None]:
     """``(architecture, k)``, also for configs written before SAELens 6.0 (``activation_fn_str``)."""
-    act = cfg.get("activation_fn", cfg.get("activation_fn_str"))
-    kwargs = cfg.get("activation_fn_kwargs") or {}
-    arch = cfg.get("architecture")
+    act = _cfg_str(cfg, file, "activation_fn" if "activation_fn" in cfg else "activation_fn_str", None)
+    kwargs = cfg.get("activation_fn_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{file}: 'activation_fn_kwargs' must be a JSON object (e.g. {{\"k\": 32}}), "
+                              f"got {type(kwargs).__name__} {kwargs!r}")
+    arch = _cfg_str(cfg, file, "architecture", None)
     if arch is None or (arch == "standard" and act == "topk"):
         # pre-6.0: the architecture field was added later; a "standard" SAE with a topk activation is a TopK SAE
         arch = "topk" if act == "topk" and kwargs.get("k") is not None else "standard"
@@ -313,8 +350,11 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
         for ``jumprelu``; ``pre_bias = apply_b_dec_to_input``.
 
     Raises:
-        FileNotFoundError: a missing file. CheckpointError: a bad config value, an unsupported
-        architecture or input normalisation, a missing or unexpected key, a wrong shape.
+        FileNotFoundError: a missing file. CheckpointError: a bad config value (wrong type or
+        value, e.g. a ``dtype`` that is not a dtype name, an ``activation_fn_kwargs`` that is not
+        an object), an unsupported architecture or input normalisation, a missing or unexpected
+        key, a wrong shape, a weight that is NaN or infinite (in the file or after the cast to
+        ``dtype``).
     """
     path = Path(path)
     cfg_file, weights_file = path / SAELENS_CFG, path / SAELENS_WEIGHTS
@@ -326,6 +366,8 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
     norm = cfg.get("normalize_activations", "none")
     if isinstance(norm, bool):  # before 6.0: true meant expected_average_only_in
         norm = "expected_average_only_in" if norm else "none"
+    elif norm is not None:
+        norm = _cfg_str(cfg, cfg_file, "normalize_activations", "none")
     if norm is not None and norm not in _SAELENS_PASSIVE_NORMS:
         raise CheckpointError(f"{cfg_file}: 'normalize_activations' {norm!r} normalises each input inside the SAE, "
                               f"which actsparse does not; supported: {', '.join(_SAELENS_PASSIVE_NORMS)}")
@@ -360,7 +402,7 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
     tensors |= {"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec}
     activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
     model = _build(d_in, d_sae, activation, tensors, k=k, pre_bias=pre_bias, unit_norm=rescale,
-                   dtype=dtype or file_dtype, device=device)
+                   dtype=dtype or file_dtype, device=device, file=weights_file)
     return model.eval()
 
 
@@ -469,6 +511,11 @@ def load_sae(path: str | Path, *, device=None, dtype: torch.dtype | None = None)
     An actsparse run folder goes through :func:`actsparse.train.load_checkpoint` (its model, which
     for ``--model stacked`` is a StackedAutoencoder); the others through :func:`load_saelens` or
     :func:`load_sparsify`. ``device`` and ``dtype`` as those; the model is in eval mode.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`detect_layout` and the loaders.
+        ValueError: an actsparse ``model.safetensors`` that is corrupt (its SHA-256 does not
+        match), unreadable, or holds NaN or infinite weights (CheckpointError, a ValueError).
     """
     p = Path(path)
     layout = detect_layout(p)
@@ -479,8 +526,15 @@ def load_sae(path: str | Path, *, device=None, dtype: torch.dtype | None = None)
         return load_sparsify(p, device=device, dtype=dtype)
     from .train import load_checkpoint
 
-    model, _ = load_checkpoint(p)
+    model, _ = load_checkpoint(p)  # verifies model.safetensors' SHA-256 (actsparse.weights)
+    weights = p / ACTSPARSE_WEIGHTS
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
+    # a file that verifies can still hold NaN (an old file, or one written by other code): refuse it
+    # as load_saelens and load_sparsify do, after the cast (which may overflow)
+    after = f" once cast to {dtype} (out of its range)" if dtype is not None else ""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            _check_finite(weights, name, t, allow_neg_inf=name.endswith("log_threshold"), after=after)
     return model.eval()
 

@@ -11,6 +11,7 @@ Penalties compose with ``+``: ``BernoulliKL(0.05, weight=3) + L1(1e-4)`` is one 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 import torch
@@ -56,8 +57,14 @@ class Penalty(nn.Module):
         unit_dim: the unit axis of the activations; ``-1`` by default, ``1`` for conv maps.
         check: validate activations (NaN/Inf, domain) with one host sync per call. Default True.
 
+    Dtypes: the library's penalties reduce *and weight* in float32 at least (float64 stays
+    float64) and return the result in ``a``'s dtype. When that dtype cannot hold the weighted
+    value (float16 above 65504), ``check=True`` raises ``ValueError`` naming the dtype and the
+    value rather than returning inf; with ``check=False`` the result is inf.
+
     Subclasses implement :meth:`value`. ``firing_threshold`` is the level above which a unit
-    counts as active in statistics (0 unless the penalty defines its own).
+    counts as active in statistics (0 unless the penalty defines its own). A subclass that keeps
+    state per layer sets :attr:`stateful` and takes ``forward(a, slot=(target, call))``.
     """
 
     firing_threshold: float | Tensor = 0.0
@@ -76,6 +83,11 @@ class Penalty(nn.Module):
         """``weight * value(a)``: a differentiable scalar in ``a``'s dtype."""
         return self.value(a) * self.weight
 
+    @property
+    def stateful(self) -> bool:
+        """Whether ``forward`` updates state (a moving average) that belongs to one layer."""
+        return False
+
     def __add__(self, other: Penalty) -> PenaltySum:
         if not isinstance(other, Penalty):
             return NotImplemented
@@ -92,6 +104,21 @@ def _flatten(p: Penalty) -> list[Penalty]:
     return list(p.terms) if isinstance(p, PenaltySum) else [p]
 
 
+def _narrower(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds less range than the dtype penalties reduce in (float16, bfloat16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(F._compute_dtype(dtype)).max
+
+
+#: Names of the moving averages of a rate penalty: ``running_rate`` for its first target's first
+#: call, ``running_rate_{target}_{call}`` for the others (see :meth:`RatePenalty.forward`).
+_STATE = re.compile(r"running_rate(?:_(\d+)_(\d+))?")
+
+
+def _state_name(slot: tuple[int, int]) -> str:
+    target, call = slot
+    return "running_rate" if (target, call) == (0, 0) else f"running_rate_{target}_{call}"
+
+
 class PenaltySum(Penalty):
     """The sum of several penalties applied to the same activations (built by ``a + b``)."""
 
@@ -102,11 +129,25 @@ class PenaltySum(Penalty):
         self.terms = nn.ModuleList(terms)
         self.__dict__["firing_threshold"] = terms[0].firing_threshold
 
-    def forward(self, a: Tensor) -> Tensor:
-        total = self.terms[0](a)
-        for t in self.terms[1:]:
-            total = total + t(a)
-        return total
+    @property
+    def stateful(self) -> bool:
+        return any(t.stateful for t in self.terms)
+
+    def forward(self, a: Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        """The sum of the terms, in ``a``'s dtype; ``slot`` reaches the stateful terms."""
+        parts = [t(a, slot=slot) if t.stateful else t(a) for t in self.terms]
+        if not _narrower(a.dtype):
+            total = parts[0]
+            for v in parts[1:]:
+                total = total + v
+            return total
+        # float16 terms that each fit may still sum past 65504: add in float32, check the cast
+        total = parts[0].float()
+        for v in parts[1:]:
+            total = total + v.float()
+        if any(t.check for t in self.terms):
+            F.check_finite_result(total, a)
+        return total.to(a.dtype)
 
     def value(self, a: Tensor) -> Tensor:
         return self.forward(a)
@@ -130,8 +171,15 @@ class RatePenalty(Penalty):
             *value* is taken at m, and its gradient flows into the current batch as if ρ̂ were m
             (straight-through), so a small batch sees the same strength as the moving average:
             this is how the CS294A notes' "ρ̂ over the training set" is estimated online.
+            A batch is validated before it enters the average: a rejected batch (NaN/Inf, ρ̂
+            outside the domain) leaves it unchanged, and a non-finite batch never enters an
+            existing average even with ``check=False``. Attached to several layers (or to a
+            layer that runs several times per forward), the penalty keeps one average per
+            (layer, call): ``running_rate_{target}_{call}`` besides ``running_rate``.
         eps: clamp distance for ρ̂ (see :mod:`actsparse.functional`).
-        check: validate activations with one host sync per call.
+        check: validate activations with one host sync per call: NaN/Inf, ρ̂ outside the
+            divergence's domain, and a weighted value that ``a``'s dtype cannot hold (float16
+            above 65504; the divergence is summed and weighted in float32).
     """
 
     running_rate: Tensor
@@ -155,15 +203,23 @@ class RatePenalty(Penalty):
         # Empty until the first batch tells how many units there are.
         self.register_buffer("running_rate", torch.empty(0), persistent=momentum is not None)
 
+    #: the largest batch rate the divergence accepts (None: unbounded); checked before the state moves
+    _rate_upper: float | None = 1.0 + 1e-6
+
     def _check_target(self, target: float) -> None:
         F.check_probability("target ρ", target)
+
+    @property
+    def stateful(self) -> bool:
+        return self.momentum is not None
 
     def rate(self, a: Tensor) -> Tensor:
         """The observed per-unit rate ``(units,)`` of activations ``a``."""
         raise NotImplementedError
 
     def divergence(self, rate: Tensor) -> Tensor:
-        """The unweighted divergence between ``self.target`` and ``rate`` (scalar)."""
+        """The unweighted divergence between ``self.target`` and ``rate`` (scalar, ``rate``'s
+        dtype). Unchecked: :meth:`forward` validates the batch rate once, before any state moves."""
         raise NotImplementedError
 
     #: The process group whose global batch ρ̂ is taken over (``None``: this process's batch);
@@ -171,36 +227,75 @@ class RatePenalty(Penalty):
     stats_group = None
 
     def value(self, a: Tensor) -> Tensor:
+        return self._evaluate(a, 1.0, (0, 0))
+
+    def forward(self, a: Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        """``weight · divergence(target, ρ̂)`` for activations ``a`` ``(batch, ..., units)``: a
+        scalar in ``a``'s dtype (summed and weighted in float32 at least).
+
+        ``slot = (target, call)`` picks the moving average (with ``momentum``): :func:`actsparse.attach`
+        passes the index of the layer among this penalty's targets and the index of the call in
+        the forward, so layers and calls never share an average. Called directly, ``(0, 0)``:
+        ``running_rate``.
+        """
+        return self._evaluate(a, self.weight, slot)
+
+    def _evaluate(self, a: Tensor, weight: float, slot: tuple[int, int]) -> Tensor:
         rate = self.rate(a)
         if self.stats_group is not None:
             from .distributed import global_mean
 
             rate = global_mean(rate, a.numel() // max(rate.numel(), 1), self.stats_group)
-        rate = self.smoothed(rate)
-        return self.divergence(rate).to(a.dtype)
-
-    def smoothed(self, rate: Tensor) -> Tensor:
-        """Apply the moving average (if any) to a batch rate ``(units,)``; update it in training."""
-        if self.momentum is None:
-            return rate
-        running = self.running_rate
-        if running.numel() == 0:
-            running = rate.detach().clone()  # started from the first batch
+        name, running = None, None
+        if self.momentum is not None:
+            name = _state_name(slot)
+            running = self._next_running(rate, name)
+            rate_used = rate + (running - rate).detach()  # value at the average, gradient through the batch
         else:
-            if running.shape != rate.shape:
-                raise ValueError(
-                    f"{type(self).__name__} holds a moving average for {running.numel()} units "
-                    f"but the activations have {rate.numel()}; one penalty object per layer"
-                )
-            running = running.to(device=rate.device, dtype=rate.dtype)
-            running = self.momentum * running + (1.0 - self.momentum) * rate.detach()
-        if self.training:
-            self.running_rate = running
-        # value at the moving average, gradient through the batch rate
-        return rate + (running - rate).detach()
+            rate_used = rate
+        out = self.divergence(rate_used) * weight
+        if self.check:
+            # one host read for the batch rate (NaN/Inf, domain) and the value's fit in a's dtype,
+            # before the moving average moves: a rejected batch must not stay in it
+            F._check_rate(rate.detach(), upper=self._rate_upper, penalty=type(self).__name__,
+                          result=out, dtype=a.dtype)
+        if running is not None and self.training:
+            self._commit(name, running, rate)
+        return out.to(a.dtype)
+
+    def _next_running(self, rate: Tensor, name: str) -> Tensor:
+        """The moving average ``name`` after this batch ``(units,)``; not stored yet."""
+        running = getattr(self, name, None)
+        if running is None or running.numel() == 0:
+            return rate.detach().clone()  # started from the first batch
+        if running.shape != rate.shape:
+            raise ValueError(
+                f"{type(self).__name__} holds a moving average for {running.numel()} units but the "
+                f"activations have {rate.numel()}; use one penalty object per layer (attach() keeps one "
+                "average per layer and call)"
+            )
+        running = running.to(device=rate.device, dtype=rate.dtype)
+        return self.momentum * running + (1.0 - self.momentum) * rate.detach()
+
+    def _commit(self, name: str, running: Tensor, rate: Tensor) -> None:
+        old = getattr(self, name, None)
+        if old is not None and old.numel():
+            # unchecked (check=False, torch.compile) a non-finite batch would stay in the average
+            # forever: keep the old one, on the device, without a host sync
+            running = torch.where(torch.isfinite(rate.detach()).all(), running, old.to(running))
+        if name in self._buffers:
+            setattr(self, name, running)
+        else:
+            self.register_buffer(name, running)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        adopt_saved_shapes(self, state_dict, prefix, "running_rate")
+        # averages of further targets and calls are created on first use: create them for loading too
+        names = [k[len(prefix):] for k in state_dict if k.startswith(prefix) and _STATE.fullmatch(k[len(prefix):])]
+        if self.momentum is not None:
+            for name in names:
+                if name not in self._buffers:
+                    self.register_buffer(name, torch.empty(0, device=self.running_rate.device))
+        adopt_saved_shapes(self, state_dict, prefix, *(n for n in names if n in self._buffers))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -223,7 +318,7 @@ class BernoulliKL(RatePenalty):
         return F.mean_activation(a, self.unit_dim)
 
     def divergence(self, rate: Tensor) -> Tensor:
-        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=self.check)
+        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=False)
 
 
 class PoissonKL(RatePenalty):
@@ -232,6 +327,8 @@ class PoissonKL(RatePenalty):
     ``target`` is any ρ > 0 (a mean activation, not a probability, so it may exceed 1).
     """
 
+    _rate_upper = None
+
     def _check_target(self, target: float) -> None:
         F.check_positive("target ρ", target)
 
@@ -239,7 +336,7 @@ class PoissonKL(RatePenalty):
         return F.mean_activation(a, self.unit_dim)
 
     def divergence(self, rate: Tensor) -> Tensor:
-        return F.poisson_kl(self.target, rate, eps=self.eps, check=self.check)
+        return F.poisson_kl(self.target, rate, eps=self.eps, check=False)
 
 
 class FrequencyKL(RatePenalty):
@@ -305,7 +402,7 @@ class FrequencyKL(RatePenalty):
         return rate
 
     def divergence(self, rate: Tensor) -> Tensor:
-        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=self.check)
+        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=False)
 
     def extra_repr(self) -> str:
         th = self.firing_threshold
@@ -314,7 +411,11 @@ class FrequencyKL(RatePenalty):
 
 
 class L1(Penalty):
-    """λ Σ|a| / batch: the activity L1 penalty (batch = ``a.shape[0]``, as Keras ≥ 3.14)."""
+    """λ Σ|a| / batch: the activity L1 penalty (batch = ``a.shape[0]``, as Keras ≥ 3.14).
+
+    Summed and weighted in float32 at least; returned in ``a``'s dtype, or, with ``check``, a
+    ``ValueError`` naming dtype and value when that dtype cannot hold it (float16 above 65504).
+    """
 
     def value(self, a: Tensor) -> Tensor:
         return F.l1(a, check=self.check)
@@ -324,17 +425,31 @@ class L1(Penalty):
 
 
 class L2(Penalty):
-    """λ Σ a² / batch: the activity L2 penalty (squared norm; batch = ``a.shape[0]``)."""
+    """λ Σ a² / batch: the activity L2 penalty (squared norm; batch = ``a.shape[0]``).
+
+    Summed and weighted in float32 at least, so a float16 Σa² above 65504 whose weighted value
+    fits is returned exactly; a weighted value that does not fit raises with ``check``.
+    """
 
     def value(self, a: Tensor) -> Tensor:
         return F.l2(a, check=self.check)
 
+    def forward(self, a: Tensor) -> Tensor:
+        return F.scaled_l2(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
+
 
 class Hoyer(Penalty):
-    """λ · mean over samples of (Σ|a|)² / Σa²: scale-invariant sparsity (Hoyer 2004)."""
+    """λ · mean over samples of (Σ|a|)² / Σa²: scale-invariant sparsity (Hoyer 2004).
+
+    Weighted in float32 at least; with ``check``, a weighted value that ``a``'s dtype cannot
+    hold (float16 above 65504) raises ``ValueError`` naming dtype and value.
+    """
 
     def value(self, a: Tensor) -> Tensor:
         return F.hoyer(a, check=self.check)
+
+    def forward(self, a: Tensor) -> Tensor:
+        return F.scaled_hoyer(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
 
 
 #: Registry of penalty names (CLI and config files resolve ``--penalty NAME`` here).

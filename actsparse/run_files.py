@@ -206,10 +206,12 @@ def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig
     cfg, d_in = read_run_config(run_dir)
     model = build_model(cfg, d_in)
     weights = run_dir / "model.safetensors"
+    tensors = load_weights(weights)  # its own errors name the file (damaged, corrupt, not safetensors)
     try:
-        model.load_state_dict(load_weights(weights))
-    except Exception as err:  # safetensors' own error for a truncated header, or a shape mismatch
-        raise ValueError(f"cannot load {weights}: {err}") from err
+        model.load_state_dict(tensors)
+    except (RuntimeError, KeyError) as err:  # weights of another shape than the config's model
+        raise ValueError(f"cannot load {weights}: its weights do not fit the model of {run_dir / 'config.json'} "
+                         f"({' '.join(str(err).split())})") from err
     return model, cfg
 
 

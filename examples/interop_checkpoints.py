@@ -47,7 +47,7 @@ def run(out: Path) -> dict[str, float]:
     x, x_test = data.x[:5000], data.x[5000:]
     cfg = TrainConfig(hidden=256, activation="topk", k=8, decoder="linear", penalty=None, weight_decay=0.0,
                       optimizer="adam", epochs=5, batch_size=256, lr=3e-3, validation=0.0, seed=0,
-                      plots=False, progress=False, checkpoint_every=0)
+                      plots=False, progress=False, checkpoint_every=0, overwrite=True)  # a rerun replaces it
     run_dir = out / "actsparse-run"
     run_dir.mkdir(parents=True, exist_ok=True)
     model = train(cfg, x, run_dir=run_dir).model.eval()

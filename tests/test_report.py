@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from actsparse.cli import main
 from actsparse.config import TrainConfig
 from actsparse.report import unit_stats, write_report
+from actsparse.weights import save_weights
 
 CHROMIUM = Path("/usr/bin/chromium")
 DEAD = [2, 5]  # units the fixture kills by a very negative encoder bias
@@ -71,7 +72,7 @@ def run(tmp_path_factory) -> Path:
     run = out / "tiny"
     weights = load_file(str(run / "model.safetensors"))
     weights["b_enc"][DEAD] = -1e4
-    save_file(weights, str(run / "model.safetensors"))
+    save_weights(run / "model.safetensors", weights)  # with its checksum, as train writes it
     return run
 
 
