@@ -220,10 +220,11 @@ def test_broken_run_configs_are_named(tmp_path):
     good = json.loads(cfg.read_text())
     cases = {"{": "is not valid JSON", json.dumps({k: v for k, v in good.items() if k != "d_in"}): "no valid 'd_in'",
              json.dumps(["a", "b"]): "must hold a JSON object"}
-    for text, needle in cases.items():
+    for i, (text, needle) in enumerate(cases.items()):
         cfg.write_text(text)
-        for args in (["train", "--resume", "--out", str(tmp_path), "--name", "r"], ["eval", str(tmp_path / "r")]):
-            _one_line_error(_cli(*args, cwd=tmp_path), str(cfg), needle)
+        resume = ["train", "--resume", "--out", str(tmp_path), "--name", "r"]
+        _one_line_error(_cli(*(resume if i % 2 == 0 else ["eval", str(tmp_path / "r")]), cwd=tmp_path), str(cfg),
+                        needle)
 
 
 # --- messages and guards ----------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_nan_weights_are_named_before_training():
 
 SIGNAL_ARGS = ["train", "--data", "synthetic", "--samples", "2000", "--hidden", "32", "--activation", "relu",
                "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3", "--optimizer", "adam", "--lr", "3e-3",
-               "--epochs", "60", "--batch-size", "64", "--checkpoint-every", "1000", "--no-plots", "--no-progress",
+               "--epochs", "25", "--batch-size", "64", "--checkpoint-every", "1000", "--no-plots", "--no-progress",
                "--threads", "1"]
 
 
@@ -344,7 +345,7 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_is_bit_identical(tmp_p
     line = _one_line_error(r, f"stopped by {sig} after step", "--resume", code=128 + signum)
     step = int(line.split("after step ")[1].split(";")[0])
     payload, _ = ck.load_latest(tmp_path / "cut")
-    assert payload["step"] == step and 50 <= step < 1000  # the step reached, not a scheduled checkpoint
+    assert payload["step"] == step and 50 <= step < 775  # the step reached, not a scheduled one (only the last)
     resumed = _cli("train", "--resume", "--out", str(tmp_path), "--name", "cut", "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     full = _cli(*SIGNAL_ARGS, "--out", str(tmp_path), "--name", "full", cwd=tmp_path)
