@@ -129,7 +129,9 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
         cfg.name = names[0]
     out = Path(cfg.out)
     created = [f for f in (out / choose_run_name(cfg), out) if not f.is_dir()]
-    run_dir = prepare_run_dir(cfg) if rank == 0 else Path(cfg.out) / cfg.name
+    if rank != 0 and not cfg.overwrite:  # every rank refuses: none waits for a failed one
+        claim_run_dir(out / cfg.name, resume=cfg.resume, overwrite=False)
+    run_dir = prepare_run_dir(cfg) if rank == 0 else out / cfg.name
     if world_size > 1:
         torch.distributed.barrier()  # the folder exists (and an old run is gone) before any rank looks
     if asked is None and cfg.name != DEFAULT_NAME and not cfg.resume:

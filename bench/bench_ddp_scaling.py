@@ -34,7 +34,7 @@ def run(kind: str, out: Path, train_args: list[str]) -> float:
         threads = "2" if "2 threads" in kind else "1"
         env["OMP_NUM_THREADS"] = threads
     name = kind.replace(" ", "_")
-    r = subprocess.run([*cmd, *train_args, "--threads", threads, "--out", str(out), "--name", name],
+    r = subprocess.run([*cmd, *train_args, "--threads", threads, "--out", str(out), "--name", name, "--overwrite"],
                        capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{kind} failed:\n{r.stderr[-3000:]}")

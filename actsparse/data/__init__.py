@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._limits import MAX_BYTES_ENV, MissingDependency, one_line
 from .idx import is_idx_path, load_idx, read_idx
 from .images import folder_patches
 from .synthetic import SyntheticDictionary, make_synthetic
 
 __all__ = [
     "Dataset", "load_data", "load_array", "load_torchvision", "read_idx", "load_idx", "folder_patches",
-    "make_synthetic", "SyntheticDictionary",
+    "make_synthetic", "SyntheticDictionary", "MissingDependency", "MAX_BYTES_ENV", "torchvision_install_hint",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -62,6 +64,10 @@ class Dataset:
         stream: for a source too large for memory (``shards:DIR``), the
             :class:`~actsparse.data.shards.ShardStore` that training reads in minibatches; ``x``
             is then a sample of ``STREAM_SAMPLE`` rows of it.
+        value_range: ``(lo, hi)``, the smallest and largest value of ``x`` (set by
+            :func:`load_data`; for a streamed store, of its sample). A sigmoid decoder outputs
+            (0, 1), so it can only reconstruct data with ``0 <= lo`` and ``hi <= 1``
+            (:attr:`in_unit_interval`).
     """
 
     x: Tensor
@@ -69,10 +75,51 @@ class Dataset:
     image_shape: tuple[int, int] | None = None
     true_features: Tensor | None = None
     stream: Any = None
+    value_range: tuple[float, float] | None = None
+
+    @property
+    def in_unit_interval(self) -> bool | None:
+        """Whether every value lies in [0, 1] (what a sigmoid decoder can output); None if unknown."""
+        if self.value_range is None:
+            return None
+        return 0.0 <= self.value_range[0] and self.value_range[1] <= 1.0
+
+
+def _tensor_to_array(p: Path, t: Tensor) -> np.ndarray:
+    """A tensor read from a ``.pt`` file as a NumPy array, refusing what ``.npy`` would refuse too."""
+    if t.is_complex():
+        raise ValueError(f"{p} must hold real numbers, got dtype {str(t.dtype).removeprefix('torch.')} "
+                         "(complex values would lose their imaginary part): store the real part, or the real and "
+                         "imaginary parts as separate features")
+    if t.dtype == torch.bool:
+        raise ValueError(f"{p} must hold numbers, got dtype {str(t.dtype).removeprefix('torch.')}")
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _unreadable_pt(p: Path, err: BaseException) -> ValueError:
+    """One line for a ``.pt`` file ``torch.load(weights_only=True)`` refuses: the reason only, never
+    torch's advice to load it unsafely."""
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+    reason = m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    reason = one_line(re.sub(r"\s*(Please use|Check the documentation|You can use|In PyTorch 2\.6).*$", "", reason))
+    if "weights_only" in reason:
+        reason = type(err).__name__
+    return ValueError(f"{p} is not a readable tensor file ({reason}), so actsparse cannot read it: only tensors "
+                      "saved with torch.save (or a dict of them) are read; save the data with torch.save(tensor, path) "
+                      "or as .npy")
 
 
 def load_array(path: str | Path) -> np.ndarray:
-    """Read a 2-D array from .npy, .npz (first array), .pt, .safetensors (first tensor) or .csv."""
+    """Read a 2-D array from .npy, .npz (first array), .pt, .safetensors (first tensor) or .csv.
+
+    Every format is held to the same rules: a 2-D array of real numbers (integers or floats; not
+    complex, not bool), with at least one sample and one feature. A ``.pt`` file is read with
+    ``torch.load(weights_only=True)`` only: anything else in it is refused, never unpickled.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
@@ -86,12 +133,16 @@ def load_array(path: str | Path) -> np.ndarray:
                     raise ValueError(f"{p} holds no arrays")
                 arr = z[z.files[0]]
         elif suffix == ".pt":
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
+                    ImportError, IndexError, KeyError, UnicodeDecodeError) as err:
+                raise _unreadable_pt(p, err) from err
             if isinstance(obj, dict):
                 obj = next(iter(obj.values()), None)
             if not isinstance(obj, Tensor):
                 raise ValueError(f"{p} does not hold a tensor")
-            arr = obj.float().numpy()
+            arr = _tensor_to_array(p, obj)
         elif suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.numpy import load_file
@@ -109,20 +160,40 @@ def load_array(path: str | Path) -> np.ndarray:
                 arr = np.loadtxt(p, delimiter=",", ndmin=2)
         else:
             raise ValueError(f"unsupported data file {p.name}: use .npy, .npz, .pt, .safetensors or .csv")
-    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # garbage .pt: Unpickling
+    except (ValueError, OSError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as err:
         if isinstance(err, ValueError) and str(err).startswith(("unsupported", str(p))):
             raise
-        raise ValueError(f"cannot read {p}: {err}") from err
+        raise ValueError(f"cannot read {p}: {one_line(err)}") from err
     arr = np.asarray(arr)
     if arr.ndim != 2:
         raise ValueError(f"{p} must hold a 2-D array (samples, features), got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{p} must hold real numbers, got dtype {arr.dtype} (complex values would lose their "
+                         "imaginary part): store the real part, or the real and imaginary parts as separate features")
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{p} must hold numbers, got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"{p} must hold real numbers, got dtype {arr.dtype}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{p} holds no samples or no features: shape {arr.shape}")
     return arr
+
+
+#: torchvision's minor release built for each torch minor release (torch 2.X pairs with 0.(X+15)).
+TORCHVISION_FOR_TORCH = {"2.9": "0.24", "2.13": "0.28", "2.14": "0.29"}
+
+
+def torchvision_install_hint(torch_version: str | None = None) -> str:
+    """The pip command that installs the torchvision matching the installed torch without
+    replacing it (``--no-deps``: pip cannot then pull another, e.g. CUDA, torch)."""
+    version = torch_version or torch.__version__
+    release, _, local = version.partition("+")
+    parts = release.split(".")
+    minor = ".".join(parts[:2])
+    tv = TORCHVISION_FOR_TORCH.get(minor)
+    index = f" --index-url https://download.pytorch.org/whl/{local}" if local.startswith(("cpu", "cu", "rocm")) else ""
+    if tv is None:
+        return f"pip install torchvision==<the release built for torch {release}> --no-deps{index}"
+    patch = parts[2] if len(parts) > 2 and parts[2].isdigit() else "0"
+    return f"pip install torchvision=={tv}.{patch} --no-deps{index}"
 
 
 def load_torchvision(spec: str) -> tuple[np.ndarray, tuple[int, int] | None]:
@@ -133,7 +204,9 @@ def load_torchvision(spec: str) -> tuple[np.ndarray, tuple[int, int] | None]:
 
     Raises:
         ValueError: a malformed spec, or a name torchvision does not have.
-        ModuleNotFoundError: torchvision is not installed.
+        ModuleNotFoundError: torchvision is not installed or does not match torch (a
+            :class:`~actsparse.data._limits.MissingDependency`, also a ``RuntimeError``; its message
+            gives the ``pip install --no-deps`` command for the installed torch).
         FileNotFoundError: the data set is not under ROOT (nothing is downloaded).
     """
     parts = spec.split(":", 2)
@@ -143,9 +216,17 @@ def load_torchvision(spec: str) -> tuple[np.ndarray, tuple[int, int] | None]:
     try:
         import torchvision.datasets as tvd
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            f"the source {spec!r} needs torchvision, which is not installed: pip install torchvision. "
-            "For MNIST without torchvision, pass its IDX file: --data train-images-idx3-ubyte.gz"
+        raise MissingDependency(
+            f"the source {spec!r} needs torchvision, which is not installed: {torchvision_install_hint()} "
+            f"(torchvision must match the installed torch {torch.__version__} exactly; --no-deps keeps pip from "
+            "replacing torch). For MNIST without torchvision, pass its IDX file: --data train-images-idx3-ubyte.gz",
+            name="torchvision"
+        ) from err
+    except (ImportError, RuntimeError, OSError, AttributeError) as err:  # installed, but built for another torch
+        raise MissingDependency(
+            f"torchvision is installed but cannot be imported ({one_line(err, 160)}); it must match the installed "
+            f"torch {torch.__version__} exactly: {torchvision_install_hint()} (--no-deps keeps pip from replacing "
+            "torch)", name="torchvision"
         ) from err
     cls = getattr(tvd, name, None)
     if not isinstance(cls, type):
@@ -184,7 +265,8 @@ def load_data(cfg) -> Dataset:
         try:
             from sklearn.datasets import load_digits
         except ModuleNotFoundError as err:
-            raise ModuleNotFoundError("the digits data set needs scikit-learn: pip install 'actsparse[cli]'") from err
+            raise MissingDependency("the digits data set needs scikit-learn: pip install 'actsparse[cli]'",
+                                    name="sklearn") from err
         x = load_digits().data / 16.0
         ds = Dataset(torch.tensor(x, dtype=torch.float32), "scikit-learn digits (8x8, scaled to [0, 1])", (8, 8))
     elif kind == "synthetic":
@@ -233,4 +315,5 @@ def load_data(cfg) -> Dataset:
         raise ValueError(f"the data ({ds.description}) contain {bad} NaN/Inf values")
     if ds.x.shape[0] < 2:
         raise ValueError(f"the data ({ds.description}) need at least 2 samples, got {ds.x.shape[0]}")
+    ds.value_range = (float(ds.x.min()), float(ds.x.max()))
     return ds

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -35,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ..attach import find_targets, first_tensor
-from .shards import INDEX_NAME, ShardStore, ShardWriter
+from ._limits import MissingDependency, one_line
+from .shards import INDEX_NAME, ShardStore, ShardWriter, check_store_dir
 
 __all__ = [
     "Positions", "collect_activations", "cache_activations", "resolve_layer", "parse_positions", "position_mask",
-    "token_batches", "random_token_batches", "tiny_gpt2", "load_hf_model", "cache_model_activations",
+    "token_batches", "random_token_batches", "tiny_gpt2", "load_hf_model", "cache_model_activations", "check_device",
 ]
 
 #: ``"all"``, ``"last"``, ``"drop_first"`` (drop the first real token of each sequence, e.g. BOS),
@@ -418,7 +420,8 @@ def _transformers():
     try:
         import transformers
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"this needs Hugging Face transformers, which is not installed: {HF_EXTRA}") from err
+        raise MissingDependency(f"this needs Hugging Face transformers, which is not installed: {HF_EXTRA}",
+                                name="transformers") from err
     return transformers
 
 
@@ -437,6 +440,16 @@ def tiny_gpt2(seed: int = 0, *, n_layer: int = 2, n_embd: int = 64, n_head: int 
     return model.to(device).eval() if device is not None else model.eval()
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _safetensors_only(name: str, what: str) -> str:
+    return (f"{what}: only safetensors checkpoints are loaded (a pickle can run code when it is read). Convert it "
+            "on a machine where you trust the file, e.g. python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{name}').save_pretrained('{name}-safetensors')\" (save_pretrained writes "
+            "model.safetensors), and pass that folder")
+
+
 def load_hf_model(name: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                   local_files_only: bool | None = None) -> nn.Module:
     """``transformers.AutoModel.from_pretrained(name)`` (the base model, no task head), in eval mode.
@@ -444,21 +457,37 @@ def load_hf_model(name: str, *, device: torch.device | str | None = None, dtype:
     ``local_files_only`` defaults to True when ``HF_HUB_OFFLINE=1`` is set, so an offline machine
     fails at once with a clear message instead of retrying the network.
 
+    Only safetensors weights are loaded (``use_safetensors=True``): a folder or checkpoint with only
+    pickle weights (``pytorch_model.bin``...) is refused with a ``ValueError`` that says how to
+    convert it; nothing is unpickled.
+
     Raises:
         ModuleNotFoundError: transformers is not installed.
         FileNotFoundError: the checkpoint is not a local folder nor in the local cache (offline).
+        ValueError: the checkpoint has no safetensors weights.
     """
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            what = f"{folder} holds only a pickle checkpoint ({', '.join(pickles[:3])})"
+            raise ValueError(_safetensors_only(name, what))
     tf = _transformers()
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    kwargs: dict[str, Any] = {"local_files_only": local_files_only}
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
     try:
         model = tf.AutoModel.from_pretrained(name, **kwargs)
     except OSError as err:
+        if "safetensors" in str(err) and (folder.is_dir() or "couldn't connect" not in str(err).lower()):
+            raise ValueError(_safetensors_only(name, f"no safetensors weights found for {name!r} "
+                                                     f"({one_line(err, 160)})")) from err
         where = " (HF_HUB_OFFLINE is set: only local files are used)" if local_files_only else ""
-        raise FileNotFoundError(f"cannot load the model {name!r}{where}: {err}") from err
+        raise FileNotFoundError(f"cannot load the model {name!r}{where}: {one_line(err)}") from err
+    except pickle.UnpicklingError as err:  # should not happen with use_safetensors; never unpickle, say so
+        raise ValueError(_safetensors_only(name, f"{name} is a pickle checkpoint")) from err
     return (model.to(device) if device is not None else model).eval()
 
 
@@ -564,6 +593,54 @@ def cache_activations(
     return ShardStore(out_dir)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, else a one-line ``ValueError``
+    (a malformed name, ``cuda`` without CUDA, ``cuda:3`` with fewer GPUs, ``mps`` without MPS)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N, mps): "
+                         f"{' '.join(str(err).split())}") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: only cpu, cuda, cuda:N and mps are supported here")
+    return dev
+
+
+#: The vocabulary of :func:`tiny_gpt2`'s default config.
+TINY_GPT2_VOCAB = 256
+
+
+def _check_bos(bos: int | None, vocab: int | None) -> None:
+    if bos is None:
+        return
+    if isinstance(bos, bool) or not isinstance(bos, int) or bos < 0 or (vocab is not None and bos >= vocab):
+        where = f"0..{vocab - 1}, the model's vocabulary of {vocab}" if vocab is not None else "ids >= 0"
+        raise ValueError(f"--bos {bos!r} is not a token id of the model: use one in {where}")
+
+
+def _check_token_ids(path: Path, ids: np.ndarray, vocab: int | None) -> None:
+    """Every id of the 1-D integer array ``ids`` in ``0..vocab-1`` (one pass over a memory map)."""
+    if not ids.size:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"{path} holds token id {lo} at position {int(np.argmin(ids))}: token ids are >= 0"
+                         f"{f' and < {vocab}, the size of the model vocabulary' if vocab is not None else ''}")
+    if vocab is not None and hi >= vocab:
+        raise ValueError(f"{path} holds token id {hi} at position {int(np.argmax(ids))}, outside the model's "
+                         f"vocabulary of {vocab} (ids 0..{vocab - 1}): were they made by another tokenizer?")
+
+
 def cache_model_activations(
     checkpoint: str,
     layer: str,
@@ -591,28 +668,41 @@ def cache_model_activations(
         The store, and the store that was in ``out_dir`` before (``None`` if there was none), so a
         caller can say whether the run resumed or found the store complete.
     """
-    device = torch.device(device)
+    device = check_device(device)
+    check_store_dir(out_dir, overwrite=overwrite)  # before the model is loaded: a folder that is not a store
+    # the cheap checks first, with the vocabulary known without loading the model (tiny-gpt2's), then
+    # again with the loaded model's
+    known = TINY_GPT2_VOCAB if checkpoint == "tiny-gpt2" else None
+    _check_bos(bos, known)
+    ids = None
+    if token_file is not None:
+        path = Path(token_file)
+        if path.suffix.lower() != ".npy" or not path.is_file():
+            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
+        try:
+            ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{path} is not a readable .npy array of token ids ({one_line(err, 160)})") from err
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
+        _check_token_ids(path, ids, known)
     model = tiny_gpt2(seed, device=device) if checkpoint == "tiny-gpt2" else load_hf_model(checkpoint, device=device)
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
+    if vocab != known:
+        _check_bos(bos, vocab)
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if limit is not None and context > limit:
         raise ValueError(f"--context {context} exceeds the model's {limit} positions")
     n_seq = tokens // context
-    if token_file is None:
+    if ids is None:
         if vocab is None:
             raise ValueError(f"{checkpoint} has no config.vocab_size to draw random tokens from: pass --token-file")
         inputs = random_token_batches(n_seq, context, batch_size, vocab, seed=seed, bos=bos)
         described = f"{n_seq} x {context} uniformly random tokens (seed {seed})"
     else:
-        path = Path(token_file)
-        if path.suffix.lower() != ".npy" or not path.is_file():
-            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-        if vocab is not None and ids.size and int(ids.max()) >= vocab:
-            raise ValueError(f"{path} holds token id {int(ids.max())}, outside the model's vocabulary of {vocab}")
+        if vocab != known:
+            _check_token_ids(path, ids, vocab)
         inputs = token_batches(ids, context, batch_size, bos=bos, max_sequences=n_seq)
         described = f"{n_seq} x {context} tokens of {path}"
     forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else None

@@ -14,10 +14,12 @@ skipped file would change the data without telling you.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from ._limits import MissingDependency, check_declared_size, one_line
 from .patches import check_patch_request, image_patches
 
 __all__ = ["read_grey_image", "load_image_folder", "image_patches", "folder_patches"]
@@ -29,8 +31,8 @@ def _pil():
     try:
         from PIL import Image
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "reading a folder of images needs Pillow: pip install pillow (matplotlib installs it)"
+        raise MissingDependency(
+            "reading a folder of images needs Pillow: pip install pillow (matplotlib installs it)", name="PIL"
         ) from err
     return Image
 
@@ -41,13 +43,30 @@ def read_grey_image(path: str | Path) -> np.ndarray:
     8-bit images are divided by 255, 16-bit ones by 65535; floating-point images are kept as
     they are.
 
+    The size in the image's header is checked before its pixels are decoded: an image whose grey
+    array (``width * height * 8`` bytes) would exceed ``ACTSPARSE_MAX_BYTES`` (environment variable,
+    default 1 GiB, about 134 million pixels; see :mod:`actsparse.data._limits`) is refused, so that a
+    small file declaring a huge image (a "decompression bomb") cannot fill the memory. This check
+    replaces Pillow's own ``Image.MAX_IMAGE_PIXELS`` for the files read here.
+
     Raises:
-        ValueError: the file is not an image Pillow can read, or is damaged (the message names it).
+        ValueError: the file is not an image Pillow can read, is damaged, or declares a size over the
+            limit (the message names it).
     """
     Image = _pil()
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # the limit below applies instead (it names the file and the variable)
+            try:
+                im = Image.open(p)  # lazy: reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with im:
+            w, h = im.size
+            check_declared_size(p, f"a {w}x{h} image", int(w) * int(h) * 8)
             im.load()  # decode now, so that a truncated file fails here, with its name
             mode = im.mode
             if mode == "F":
@@ -57,8 +76,12 @@ def read_grey_image(path: str | Path) -> np.ndarray:
             if mode in ("L", "1"):
                 return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
             rgb = np.asarray(im.convert("RGB"), dtype=np.float64)
-    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"{p} is not an image that can be read ({type(err).__name__}: {err})") from err
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{p} is not an image that can be read ({type(err).__name__}: {one_line(err)})") from err
+    except ValueError as err:
+        if str(err).startswith(str(p)):  # the size check's own message
+            raise
+        raise ValueError(f"{p} is not an image that can be read ({type(err).__name__}: {one_line(err)})") from err
     return rgb @ _LUMA / 255.0
 
 

@@ -14,24 +14,35 @@ linear-decoder exercise does.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+from ._limits import MissingDependency
 
 __all__ = [
     "grey_sample_images", "downsample", "whiten_1f", "sample_patches", "normalize_patches", "zca_whiten",
-    "image_patches", "natural_patches",
+    "image_patches", "natural_patches", "check_patch_request", "MIN_PATCH_SIZE", "value_range",
 ]
 
 
 def grey_sample_images() -> list[np.ndarray]:
-    """scikit-learn's two sample photographs (temple, flower) as float64 grey images in [0, 1]."""
+    """scikit-learn's two sample photographs (temple, flower) as float64 grey images in [0, 1]
+    (decoded once per process; each call returns fresh copies)."""
+    return [im.copy() for im in _grey_sample_images()]
+
+
+@functools.lru_cache(maxsize=1)
+def _grey_sample_images() -> tuple[np.ndarray, ...]:
     try:
         from sklearn.datasets import load_sample_images
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the embedded image patches need scikit-learn: pip install 'actsparse[cli]' (or scikit-learn)"
+        raise MissingDependency(
+            "the embedded image patches need scikit-learn: pip install 'actsparse[cli]' (or scikit-learn)",
+            name="sklearn",
         ) from err
     rgb = load_sample_images().images
-    return [img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0 for img in rgb]
+    return tuple(img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0 for img in rgb)
 
 
 def downsample(img: np.ndarray, k: int = 2) -> np.ndarray:
@@ -83,11 +94,21 @@ def zca_whiten(p: np.ndarray, eps: float = 0.1) -> np.ndarray:
     return p @ (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T)
 
 
+#: The smallest patch side: each patch's mean is removed (normalisation and ZCA alike), so a 1x1
+#: patch is always 0 and its normalisation divides by a zero spread.
+MIN_PATCH_SIZE = 2
+
+
 def check_patch_request(n: int, size: int, whiten: str) -> None:
-    """Raise ``ValueError`` for a patch count or side that is not a positive int, or an unknown whitening."""
+    """Raise ``ValueError`` for a patch count that is not a positive int, a patch side that is not an
+    int >= :data:`MIN_PATCH_SIZE`, or an unknown whitening."""
     for name, v in (("n (the number of patches)", n), ("size (the patch side)", size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if size < MIN_PATCH_SIZE:
+        raise ValueError(f"the patch side (--patch-size) must be at least {MIN_PATCH_SIZE}, got {size}: each patch's "
+                         f"mean is removed before normalisation or ZCA, so a {size}x{size} patch is always 0 "
+                         "(use 8, the exercise's size)")
     if whiten not in ("1/f", "zca", "none"):
         raise ValueError(f"whiten must be '1/f', 'zca' or 'none', got {whiten!r}")
 
@@ -111,4 +132,11 @@ def image_patches(
 
 def natural_patches(n: int = 10_000, size: int = 8, whiten: str = "1/f", seed: int = 0) -> np.ndarray:
     """The default data set: ``(n, size*size)`` float64 patches in [0.1, 0.9] (ZCA: unbounded)."""
+    check_patch_request(n, size, whiten)  # before the photographs are loaded
     return image_patches([downsample(im) for im in grey_sample_images()], n, size, whiten, seed)
+
+
+def value_range(whiten: str) -> tuple[float, float] | None:
+    """The interval every patch value lies in for a whitening: ``(0.1, 0.9)`` for ``"1/f"`` and
+    ``"none"`` (UFLDL's normalisation), None for ``"zca"`` (unbounded, centred on 0)."""
+    return None if whiten == "zca" else (0.1, 0.9)

@@ -20,8 +20,14 @@ also after ``kill -9`` or a power cut — the index lists only shards that are c
 ``rows`` counts exactly their rows. ``complete`` becomes true when the writer is closed. Opening a
 :class:`ShardWriter` on an existing store with the same arguments resumes it: the rows already
 stored are kept, ``resume`` says where the input stream stood after the last stored row (input
-batch, rows of it stored), and leftovers of the killed run (``*.tmp``, shards not in the index) are
-deleted.
+batch, rows of it stored), and leftovers of the killed run (``shard-NNNNNN.npy`` not in the index,
+the ``.tmp`` files of the store's own names) are deleted. The index is written when the writer
+opens, before any shard, so a store folder is always recognisable; a writer refuses a non-empty
+folder without a store index (also with ``overwrite``) and deletes nothing there, and it never
+deletes a file whose name the store does not use.
+
+Reading checks the rows as they are read: a NaN or Inf raises a ``ValueError`` naming the store,
+the shard file and the row (:meth:`ShardStore.check_finite` scans a whole store).
 
 Reading. :class:`ShardStore` checks the index and every shard's header and size at open (errors
 name the file), memory-maps the shards (``np.load(mmap_mode="r")``), and yields shuffled
@@ -36,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +53,7 @@ from torch import Tensor
 
 from ..checkpoint import fsync_dir
 
-__all__ = ["ShardWriter", "ShardStore", "describe_source", "INDEX_NAME", "STORE_DTYPES"]
+__all__ = ["ShardWriter", "ShardStore", "describe_source", "check_store_dir", "INDEX_NAME", "STORE_DTYPES"]
 
 INDEX_NAME = "index.json"
 FORMAT = "actsparse-shards"
@@ -54,6 +61,9 @@ VERSION = 1
 #: dtypes a store can hold (.npy has no bfloat16: bfloat16 activations are stored as float32 or float16)
 STORE_DTYPES = ("float32", "float16", "float64")
 _TMP = ".tmp"
+#: The only names a writer ever creates in a store folder: the shards, their temp files, the index's
+#: temp file. Only these are deleted (leftovers of a killed run, or by ``overwrite``), never anything else.
+_OWN_NAME = re.compile(r"shard-\d{6}\.npy(\.tmp)?|" + re.escape(INDEX_NAME + _TMP))
 
 
 def _dtype_name(dtype: str | np.dtype | torch.dtype) -> str:
@@ -103,6 +113,41 @@ def _read_index(directory: Path) -> dict[str, Any]:
     if problem:
         raise ValueError(f"corrupt shard index {path}: {problem}")
     return index
+
+
+def check_store_dir(directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise ``ValueError`` unless ``directory`` may receive a shard store: it does not exist, is
+    empty, or is a store (its ``index.json`` is a shard-store index). Nothing is deleted here, and
+    a :class:`ShardWriter` deletes nothing in a folder this refuses: only a store's own files
+    (``shard-NNNNNN.npy``, ``*.tmp`` of those, the index) are ever removed, and only in a store.
+
+    Raises:
+        ValueError: ``directory`` is a file, or a non-empty folder that is not a shard store (the
+            message says so; pass another, new or empty, folder).
+    """
+    d = Path(directory)
+    if not d.exists():
+        return
+    if not d.is_dir():
+        raise ValueError(f"{d} is a file, not a folder: a shard store is a folder; choose a new or empty one")
+    index = d / INDEX_NAME
+    if index.exists():
+        try:
+            found = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError) as err:
+            raise ValueError(f"{index} is not a readable shard-store index ({type(err).__name__}), so {d} is not "
+                             "recognisably a shard store and nothing in it was touched: write the store to a new or "
+                             "empty folder (delete the folder yourself if it is a damaged store)") from err
+        if not isinstance(found, dict) or found.get("format") != FORMAT:
+            raise ValueError(f"{index} is not a shard-store index (no \"format\": \"{FORMAT}\"), so {d} is not a "
+                             "shard store and nothing in it was touched: write the store to a new or empty folder")
+        return
+    others = sorted(p.name for p in d.iterdir() if p.name != INDEX_NAME + _TMP)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"{d} is not empty ({shown}) and is not a shard store (it has no {INDEX_NAME}); "
+                         f"{'--overwrite deletes only a store, so ' if overwrite else ''}nothing in it was touched: "
+                         "write the store to a new or empty folder")
 
 
 def _index_problem(index: Any) -> str | None:
@@ -160,6 +205,12 @@ class ShardWriter:
             kept in the index; resuming needs the same one.
         overwrite: delete an existing store in ``directory`` and start over.
 
+    ``directory`` must be new, empty, or a store (:func:`check_store_dir`): a non-empty folder
+    without a shard-store ``index.json`` is refused, with or without ``overwrite``, and nothing in
+    it is deleted. The index is written at once, so the folder is recognisably a store from then
+    on. Only the store's own files are ever deleted (unlisted ``shard-NNNNNN.npy``, ``*.tmp`` of the
+    store's files; with ``overwrite``, the store's shards and index).
+
     An existing index with the same ``d`` (if given), dtype, shard size and source is resumed:
     :attr:`rows` are already stored, :attr:`resume` tells where the input stood, and
     :attr:`complete` is True if there is nothing left to write. Other arguments raise a
@@ -188,6 +239,7 @@ class ShardWriter:
         self._buffer: list[np.ndarray] = []
         self._marks: list[tuple[int, int] | None] = []  # (input batch, first row in it) per buffered chunk
         self._buffered = 0
+        check_store_dir(self.directory, overwrite=overwrite)  # before anything is created or deleted
         self.directory.mkdir(parents=True, exist_ok=True)
         if (self.directory / INDEX_NAME).is_file():
             if overwrite:
@@ -195,11 +247,16 @@ class ShardWriter:
             else:
                 self._resume_existing()
         self._clean_leftovers()
+        if not (self.directory / INDEX_NAME).is_file():
+            # an index at once, before any shard: the folder is then recognisably a store, so a rerun
+            # after a kill before the first complete shard may clean up and resume it
+            self._write_index()
 
     # ------------------------------------------------------------ opening
     def _delete_store(self) -> None:
-        for p in self.directory.glob("shard-*.npy"):
-            p.unlink()
+        for p in self.directory.iterdir():  # the store's own files only (check_store_dir: it is a store)
+            if _OWN_NAME.fullmatch(p.name) and p.is_file():
+                p.unlink()
         (self.directory / INDEX_NAME).unlink()
 
     def _resume_existing(self) -> None:
@@ -224,7 +281,7 @@ class ShardWriter:
         # a killed run may leave a temp file, or a renamed shard that the index does not list yet
         listed = {s["file"] for s in self.shards}
         for p in self.directory.iterdir():
-            if p.name.endswith(_TMP) or (p.name.startswith("shard-") and p.suffix == ".npy" and p.name not in listed):
+            if _OWN_NAME.fullmatch(p.name) and p.name not in listed and p.is_file():
                 p.unlink()
 
     # ------------------------------------------------------------ writing
@@ -332,14 +389,20 @@ class ShardStore:
             shards); by default that raises, so nothing trains on half a cache by mistake.
         verify: check every listed shard's header and size at open (cheap: a few hundred bytes
             per shard), so that a missing or truncated shard fails here, naming the file.
+        check_finite: check the rows as they are read (one ``isfinite`` over each batch or read,
+            cheap next to a training step) and raise a ``ValueError`` naming the store, the shard
+            file and the row of the first NaN/Inf value. :meth:`check_finite` scans the whole
+            store up front.
 
     Raises:
         FileNotFoundError: no ``index.json``, or a listed shard is missing.
         ValueError: a corrupt index, a truncated or mismatched shard, an unfinished store.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, *, allow_incomplete: bool = False, verify: bool = True,
+                 check_finite: bool = True) -> None:
         self.directory = Path(directory)
+        self.checks_finite = bool(check_finite)
         self.index = _read_index(self.directory)
         if not self.index["complete"] and not allow_incomplete:
             raise ValueError(f"the store {self.directory} is unfinished ({self.index['rows']} rows in "
@@ -390,6 +453,39 @@ class ShardStore:
         return (f"ShardStore({str(self.directory)!r}: {self.n_rows} rows x d={self.d} {self.dtype} in "
                 f"{self.n_shards} shards{'' if self.complete else ', unfinished'})")
 
+    # ------------------------------------------------------------ finiteness
+    def _raise_not_finite(self, row: int) -> None:
+        """Raise for the store-wide ``row``, which holds a NaN or Inf value."""
+        i = int(np.searchsorted(self._starts, row, side="right") - 1)
+        local = row - int(self._starts[i])
+        values = np.asarray(self.shard(i)[local])
+        what = "NaN" if np.isnan(values).any() else "Inf"
+        raise ValueError(f"the shard store {self.directory} holds {what} in row {local} of {self.files[i]} (row {row} "
+                         "of the store): the stored activations are broken, not the training; recreate the store "
+                         "(actsparse cache-activations --overwrite) or check the model and dtype that made it")
+
+    def _checked(self, shard: int, first: int | np.ndarray, arr: np.ndarray) -> np.ndarray:
+        """``arr``, rows of ``shard`` starting at row ``first`` (or at the rows ``first`` lists),
+        after one ``isfinite`` over it (if the store checks)."""
+        if self.checks_finite and arr.size and not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+            local = int(first[bad]) if isinstance(first, np.ndarray) else int(first) + bad
+            self._raise_not_finite(int(self._starts[shard]) + local)
+        return arr
+
+    def check_finite(self, chunk_rows: int = 65536) -> None:
+        """Read the whole store, ``chunk_rows`` rows at a time, and raise ``ValueError`` naming the
+        shard file and row of the first NaN/Inf value. Costs one pass over the store; training
+        does not need it (the rows are checked as they are read), but it finds a broken store
+        before a run starts."""
+        for i in range(self.n_shards):
+            m = self.shard(i)
+            for a in range(0, m.shape[0], chunk_rows):
+                block = np.asarray(m[a:a + chunk_rows])
+                if not np.isfinite(block).all():
+                    bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                    self._raise_not_finite(int(self._starts[i]) + a + bad)
+
     # ------------------------------------------------------------ random access
     def shard(self, i: int) -> np.ndarray:
         """Shard ``i`` memory-mapped read-only, ``(rows, d)``; nothing is read until it is indexed."""
@@ -402,7 +498,8 @@ class ShardStore:
         for i in range(self.n_shards):
             a, b = max(start, self._starts[i]), min(stop, self._starts[i + 1])
             if a < b:
-                parts.append(np.array(self.shard(i)[a - self._starts[i]:b - self._starts[i]]))
+                lo, hi = a - self._starts[i], b - self._starts[i]
+                parts.append(self._checked(i, lo, np.array(self.shard(i)[lo:hi])))
         arr = np.concatenate(parts) if parts else np.zeros((0, self.d), self.dtype)
         return _to_tensor(arr, dtype)
 
@@ -416,7 +513,9 @@ class ShardStore:
         n = min(int(n), self.n_rows)
         rows = np.sort(np.random.default_rng(seed).choice(self.n_rows, size=n, replace=False))
         shard_of = np.searchsorted(self._starts, rows, side="right") - 1
-        parts = [np.asarray(self.shard(i)[rows[shard_of == i] - self._starts[i]]) for i in np.unique(shard_of)]
+        parts = [self._checked(i, rows[shard_of == i] - self._starts[i],
+                               np.asarray(self.shard(i)[rows[shard_of == i] - self._starts[i]]))
+                 for i in np.unique(shard_of)]
         arr = np.concatenate(parts) if parts else np.zeros((0, self.d), self.dtype)
         return _to_tensor(arr, dtype)
 
@@ -435,6 +534,9 @@ class ShardStore:
         for i in np.unique(shard_of):
             a, b = bounds[i], bounds[i + 1]
             out[order[a:b]] = self.shard(int(i))[ordered[a:b] - self._starts[i]]
+        if self.checks_finite and rows.size and not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+            self._raise_not_finite(int(rows[bad]))
         return _to_tensor(out, dtype)
 
     def global_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, buffer_shards: int = 4,
@@ -543,7 +645,8 @@ class ShardStore:
         rng = np.random.default_rng([seed, epoch, rank, world_size, 1])
         carry = np.zeros((0, self.d), self.dtype)
         for g in range(0, len(segs), buffer_shards):
-            pieces = [carry] + [np.asarray(self.shard(i)[a:b]) for i, a, b in segs[g:g + buffer_shards]]
+            pieces = [carry] + [self._checked(i, a, np.asarray(self.shard(i)[a:b]))
+                                for i, a, b in segs[g:g + buffer_shards]]
             buf = np.concatenate(pieces)
             order = rng.permutation(buf.shape[0]) if shuffle else np.arange(buf.shape[0])
             full = buf.shape[0] // batch_size * batch_size
