@@ -207,6 +207,10 @@ def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig
     model = build_model(cfg, d_in)
     weights = run_dir / "model.safetensors"
     tensors = load_weights(weights)  # its own errors name the file (damaged, corrupt, not safetensors)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # train never writes such weights: the file was changed since, or written by something else
+        raise ValueError(f"{weights} holds NaN/Inf weights ({', '.join(bad)}): they cannot be evaluated; "
+                         f"resume the run from its checkpoint or train it anew")
     try:
         model.load_state_dict(tensors)
     except (RuntimeError, KeyError) as err:  # weights of another shape than the config's model

@@ -371,3 +371,22 @@ def test_a_signal_before_training_is_one_line(tmp_path, sig, delay):
     _one_line_error(r, f"stopped by {sig}", code=128 + getattr(signal, sig))
     run = tmp_path / "runs" / "classic"
     assert not run.exists() or any(run.iterdir())  # no empty run folder left behind
+
+
+def test_nan_weights_in_a_run_folder_are_named(tmp_path):
+    """A run's model.safetensors with NaN weights (a valid digest: written by another tool) is
+    named by ``load_checkpoint`` (``eval``, ``plot``, ``report``) instead of giving NaN metrics."""
+    from safetensors.torch import load_file
+
+    from actsparse.run_files import load_checkpoint
+    from actsparse.weights import save_weights
+
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = TrainConfig(hidden=4, iterations=2, validation=0.0, plots=False, progress=False)
+    train(cfg, _data(), run_dir=run)
+    tensors = load_file(str(run / "model.safetensors"))
+    tensors["b_dec"][0] = float("nan")
+    save_weights(run / "model.safetensors", tensors)
+    with pytest.raises(ValueError, match=r"model\.safetensors holds NaN/Inf weights \(b_dec\)"):
+        load_checkpoint(run)
