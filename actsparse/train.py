@@ -213,6 +213,7 @@ class _Run:
         self.log = _RunLog(self.writer / "metrics.jsonl" if self.writer is not None else None)
         self.guard = _FiniteGuard(self.world_size > 1)
         self.signals = StopSignals()
+        self._any_rank_signalled = False  # under DDP: a signal seen by any rank at the last logged step
         # the logged FVU: Σ‖x − x̂‖² from the reconstruction loss the forward computed (no pass over
         # the data), over Σ‖x − x̄‖², computed once for full-batch L-BFGS (the same x every iteration)
         self.full_batch_total = M.total_variance(self.x_train) if cfg.optimizer == "lbfgs" else None
@@ -424,7 +425,6 @@ class _Run:
             self.forward = DistributedDataParallel(self.model, device_ids=ids)
         if on_start is not None:
             on_start(self.model)
-        self._any_rank_signalled = False
         self.log.rewind(state["step"] if state else 0)
         try:
             with self.signals:
