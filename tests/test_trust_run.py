@@ -310,9 +310,19 @@ SIGNAL_ARGS = ["train", "--data", "synthetic", "--samples", "2000", "--hidden", 
                "--threads", "1"]
 
 
+def _default_signals() -> None:
+    """In the child: the signals' default actions. A parent that ignores SIGINT (a job started with
+    ``&`` by a non-interactive shell) passes that on, and a program that inherits an ignored signal
+    keeps ignoring it, as it should; the test is about a program that receives them."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _popen(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "actsparse", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=_default_signals)
 
 
 def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 120) -> None:
@@ -388,5 +398,5 @@ def test_nan_weights_in_a_run_folder_are_named(tmp_path):
     tensors = load_file(str(run / "model.safetensors"))
     tensors["b_dec"][0] = float("nan")
     save_weights(run / "model.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"model\.safetensors holds NaN/Inf weights \(b_dec\)"):
+    with pytest.raises(ValueError, match=r"model\.safetensors holds non-finite weights \(NaN/Inf in b_dec\)"):
         load_checkpoint(run)
