@@ -398,5 +398,5 @@ def test_nan_weights_in_a_run_folder_are_named(tmp_path):
     tensors = load_file(str(run / "model.safetensors"))
     tensors["b_dec"][0] = float("nan")
     save_weights(run / "model.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"model\.safetensors holds non-finite weights \(NaN/Inf in b_dec\)"):
+    with pytest.raises(ValueError, match=r"model\.safetensors holds non-finite weights \(NaN/Inf in 'b_dec'\)"):
         load_checkpoint(run)
