@@ -400,3 +400,34 @@ def test_nan_weights_in_a_run_folder_are_named(tmp_path):
     save_weights(run / "model.safetensors", tensors)
     with pytest.raises(ValueError, match=r"model\.safetensors holds non-finite weights \(NaN/Inf in 'b_dec'\)"):
         load_checkpoint(run)
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_signal_inside_train_checkpoints_and_resumes_bit_identically(tmp_path, optimizer):
+    """From Python: SIGTERM while ``train`` runs (sent by the logging callback at step 30) stops it
+    after that step with ``RunInterrupted`` and a checkpoint there; resuming gives the weights of an
+    uninterrupted run bit for bit (L-BFGS: its pairs and line-search state; Adam: the epoch position)."""
+    import signal
+
+    from actsparse import checkpoint as ck
+    from actsparse.interrupt import RunInterrupted
+
+    x = _data(400)
+    kw = dict(hidden=5, optimizer=optimizer, validation=0.0, plots=False, progress=False, checkpoint_every=1000,
+              iterations=60, epochs=6, batch_size=32, decoder="sigmoid")
+    full = train(TrainConfig(**kw), x)
+
+    def send(rec):
+        if rec["step"] == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(RunInterrupted) as stopped:
+        train(TrainConfig(**kw), x, run_dir=run, on_step=send)
+    assert stopped.value.step == 30 and stopped.value.exit_code == 128 + signal.SIGTERM
+    assert ck.load_latest(run)[0]["step"] == 30
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
+    resumed = train(TrainConfig(resume=True, **kw), x, run_dir=run)
+    a, b = _state(full.model), _state(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
