@@ -24,7 +24,8 @@ _EXPORTS = {
     "relative_gradient_error": "gradcheck",
     "KLSparseReg": "identity_attach",
     "L1": "penalties", "L2": "penalties", "PENALTIES": "penalties", "BernoulliKL": "penalties",
-    "FrequencyKL": "penalties", "Hoyer": "penalties", "Penalty": "penalties", "PenaltySum": "penalties",
+    "FrequencyKL": "penalties", "Hoyer": "penalties", "Penalty": "penalties", "PenaltyOf": "penalties",
+    "PenaltySum": "penalties",
     "PoissonKL": "penalties", "RatePenalty": "penalties", "get_penalty": "penalties",
 }
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         FrequencyKL,
         Hoyer,
         Penalty,
+        PenaltyOf,
         PenaltySum,
         PoissonKL,
         RatePenalty,
@@ -83,6 +85,7 @@ __all__ = [
     "functional",
     # penalties
     "Penalty",
+    "PenaltyOf",
     "RatePenalty",
     "PenaltySum",
     "BernoulliKL",

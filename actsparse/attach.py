@@ -247,7 +247,9 @@ class _Hooked:
         for call, (a, version, th) in enumerate(self.captured):
             if a._version != version:
                 return None
-            rho, fire = _unit_stats(a, self.penalty.unit_dim, th)
+            # statistics of what the penalty measures (penalty.of(fn): fn of the output), computed
+            # now, when asked for, not in the training step
+            rho, fire = _unit_stats(self.penalty.transform(a), self.penalty.unit_dim, th)
             sums[call] = [1, rho, fire]
         return sums
 

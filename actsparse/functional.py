@@ -202,8 +202,9 @@ def _check_rate(rate: Tensor, *, upper: float | None, penalty: str, result: Tens
     if bad[1]:
         raise ValueError(
             f"{penalty} needs non-negative activations, but the mean of {int(low.sum())} "
-            f"unit(s) is negative (min {float(rate.min()):.4g}); apply a sigmoid or ReLU first, "
-            "or use L1 for signed activations"
+            f"unit(s) is negative (min {float(rate.min()):.4g}); apply a sigmoid or ReLU first (a layer "
+            "whose ReLU is applied inline in forward, F.relu(self.enc(x)): attach penalty.of(torch.relu) to "
+            "it), or use L1 for signed activations"
         )
     if upper is not None and bad[2]:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ._lazy import adopt_saved_shapes
 
 __all__ = [
     "Penalty",
+    "PenaltyOf",
     "RatePenalty",
     "BernoulliKL",
     "PoissonKL",
@@ -93,6 +95,19 @@ class Penalty(nn.Module):
             return NotImplemented
         return PenaltySum(*_flatten(self), *_flatten(other))
 
+    def transform(self, a: Tensor) -> Tensor:
+        """The activation this penalty measures, from a module's output ``a``: ``a`` itself
+        (:meth:`of` changes it). :meth:`Attachment.stats` reports statistics of this tensor."""
+        return a
+
+    def of(self, fn: Callable[[Tensor], Tensor]) -> PenaltyOf:
+        """This penalty on ``fn(output)`` instead of the output: for a model whose activation is
+        not a module but a function applied inline in ``forward`` (``F.relu(self.enc1(x))``),
+        attach ``PoissonKL(0.05, weight=1e-3).of(torch.relu)`` to ``enc1``. The penalty then reads
+        exactly the tensor the forward passes on, with no change to the model and no second
+        forward of any layer (``fn`` runs once on the captured output, a ReLU costs one pass)."""
+        return PenaltyOf(self, fn)
+
     def extra_repr(self) -> str:
         parts = [f"weight={self.weight:g}"]
         if self.unit_dim != -1:
@@ -154,6 +169,60 @@ class PenaltySum(Penalty):
 
     def extra_repr(self) -> str:
         return ""
+
+
+class PenaltyOf(Penalty):
+    """``inner`` applied to ``fn(a)`` (built by :meth:`Penalty.of`).
+
+    ``forward(a) = inner(fn(a))``: the value, the gradient (through ``fn``), the moving average
+    of a stateful ``inner`` and the statistics are those of ``fn(a)``, exactly as if ``fn`` were a
+    module after the hooked layer and ``inner`` were attached to it. ``fn`` maps a tensor to a
+    tensor of the same unit layout (an elementwise activation: ``torch.relu``, ``torch.sigmoid``,
+    ``torch.tanh``, ``functools.partial(F.leaky_relu, negative_slope=0.01)``); use a named
+    function rather than a lambda if the model is pickled (``torch.save``) with its hooks.
+    """
+
+    def __init__(self, inner: Penalty, fn: Callable[[Tensor], Tensor]) -> None:
+        if not isinstance(inner, Penalty):
+            raise TypeError(f"PenaltyOf takes a Penalty, got {type(inner).__name__}")
+        if not callable(fn):
+            raise TypeError(f"Penalty.of() takes a function of the activations (e.g. torch.relu), got "
+                            f"{type(fn).__name__}")
+        super().__init__(1.0, unit_dim=inner.unit_dim, check=inner.check)
+        self.inner, self.fn = inner, fn
+
+    @property
+    def firing_threshold(self) -> float | Tensor:  # type: ignore[override]
+        return self.inner.firing_threshold
+
+    @property
+    def stateful(self) -> bool:
+        return self.inner.stateful
+
+    @property
+    def target(self) -> float | None:
+        return getattr(self.inner, "target", None)
+
+    def _apply(self, a: Tensor) -> Tensor:
+        b = self.fn(a)
+        if not isinstance(b, Tensor) or b.shape != a.shape:
+            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"the function of Penalty.of() must return a tensor of the output's shape "
+                             f"{tuple(a.shape)} (an elementwise activation), got {got}")
+        return b
+
+    def transform(self, a: Tensor) -> Tensor:
+        return self.inner.transform(self._apply(a))  # p.of(f).of(g) measures p on f(g(a))
+
+    def forward(self, a: Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        b = self._apply(a)
+        return self.inner(b, slot=slot) if self.inner.stateful else self.inner(b)
+
+    def value(self, a: Tensor) -> Tensor:
+        return self.inner.value(self._apply(a))
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__name__', repr(self.fn))}"
 
 
 class RatePenalty(Penalty):

@@ -209,8 +209,9 @@ def load_checkpoint(run_dir: str | Path) -> tuple[SparseAutoencoder, TrainConfig
     tensors = load_weights(weights)  # its own errors name the file (damaged, corrupt, not safetensors)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # train never writes such weights: the file was changed since, or written by something else
-        raise ValueError(f"{weights} holds non-finite weights (NaN/Inf in {', '.join(map(repr, bad))}): they cannot be used; "
-                         f"resume the run from its checkpoint or train it anew")
+        names = ", ".join(map(repr, bad))
+        raise ValueError(f"{weights} holds non-finite weights (NaN/Inf in {names}): they cannot be used; resume the "
+                         f"run from its checkpoint or train it anew")
     try:
         model.load_state_dict(tensors)
     except (RuntimeError, KeyError) as err:  # weights of another shape than the config's model
