@@ -1,4 +1,10 @@
-"""Evaluation of a trained autoencoder: one eval-mode pass over the data, in batches."""
+"""Evaluation of a trained autoencoder: one eval-mode pass over the data, in batches.
+
+One definition of ρ̂ serves the whole run: the mean activation of each unit over the run's
+**training split** in eval mode, as :func:`evaluate` computes it for ``metrics.json``
+(``mean_activation`` is the mean of these ρ̂_j). :func:`training_split` recomputes that split
+from the run's data and config alone, so the figures and ``actsparse report`` show the same
+numbers as ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -8,14 +14,17 @@ from torch import Tensor
 from . import metrics as M
 from .models.sparse_topk import SparseCode
 
-__all__ = ["evaluate", "unit_statistics"]
+__all__ = ["evaluate", "unit_statistics", "split_indices", "training_split", "penalty_target"]
 
 
 @torch.no_grad()
-def _eval_pass(model: torch.nn.Module, x: Tensor, batch_size: int) -> tuple[dict[str, float], Tensor, Tensor]:
+def _eval_pass(model: torch.nn.Module, x: Tensor, batch_size: int, threshold: float | None = None
+               ) -> tuple[dict[str, float], Tensor, Tensor]:
     """One eval-mode pass over ``x`` in batches (memory of one batch, sums in float64, statistics of
     this process only): the metrics of :func:`evaluate`, and ρ̂ and the firing fraction per unit,
-    from which L0, the mean activation and the dead fraction follow."""
+    from which L0, the mean activation and the dead fraction follow. With ``threshold``, the
+    "firing" count is of activations > ``threshold`` instead of ≠ 0 (and so are L0 and the dead
+    fraction)."""
     from .distributed import local_statistics
     from .models.sparse_topk import unit_sums
 
@@ -34,10 +43,12 @@ def _eval_pass(model: torch.nn.Module, x: Tensor, batch_size: int) -> tuple[dict
                 sse += float((out.reconstruction.double() - xd.double()).square().sum())
                 code = out.code
                 if isinstance(code, SparseCode):
+                    on = code.values != 0 if threshold is None else code.values > threshold
                     s = unit_sums(code.indices, code.values.double(), code.d_sae)
-                    c = unit_sums(code.indices, (code.values != 0).double(), code.d_sae)
+                    c = unit_sums(code.indices, on.double(), code.d_sae)
                 else:
-                    s, c = code.double().sum(0), (code != 0).double().sum(0)
+                    on = code != 0 if threshold is None else code > threshold
+                    s, c = code.double().sum(0), on.double().sum(0)
                 sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     finally:
         model.train(was_training)
@@ -61,9 +72,53 @@ def evaluate(model: torch.nn.Module, x: Tensor, batch_size: int = 4096) -> dict[
     return _eval_pass(model, x, batch_size)[0]
 
 
-def unit_statistics(model: torch.nn.Module, x: Tensor, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+def unit_statistics(model: torch.nn.Module, x: Tensor, batch_size: int = 4096,
+                    threshold: float | None = None) -> tuple[Tensor, Tensor]:
     """ρ̂_j (the mean activation) and the firing fraction (share of samples where unit j ≠ 0) of each
     unit of ``model``'s code on ``x`` ``(n, d_in)``, from the pass of :func:`evaluate`: two
-    ``(d_hidden,)`` float64 tensors on the CPU. A unit is dead on ``x`` where its firing fraction is 0."""
-    _, rho, firing = _eval_pass(model, x, batch_size)
+    ``(d_hidden,)`` float64 tensors on the CPU. A unit is dead on ``x`` where its firing fraction is 0.
+
+    ``threshold``: count activations > ``threshold`` instead of ≠ 0, e.g. 0.5 for sigmoid units,
+    which are never exactly 0 (their firing fraction ≠ 0 is 1 for every unit). ρ̂ is the same."""
+    _, rho, firing = _eval_pass(model, x, batch_size, threshold)
     return rho.cpu(), firing.cpu()
+
+
+def split_indices(n: int, validation: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The validation and training rows of an in-memory data set of ``n`` samples, as
+    :func:`actsparse.train.train` draws them: one ``randperm(n)`` from ``generator`` (the run's
+    generator, seeded with ``cfg.seed`` and not used before), the first ``round(validation · n)``
+    held out. The training rows keep the permuted order (the order of the batches evaluated)."""
+    perm = torch.randperm(n, generator=generator)
+    n_val = int(round(validation * n))
+    return perm[:n_val], perm[n_val:]
+
+
+def training_split(data, cfg) -> Tensor:
+    """The samples ``metrics.json`` was computed on, recomputed from the run's data and config
+    alone: for an in-memory data set (``data.x``), the training split that ``train`` draws with
+    ``cfg.seed`` and ``cfg.validation`` (:func:`split_indices`); for a streamed store, ``data.x``,
+    the sample of the store that the run's metrics use. ``data`` is what
+    :func:`actsparse.data.load_data` returns for ``cfg``."""
+    if getattr(data, "stream", None) is not None:
+        return data.x
+    _, train_idx = split_indices(data.x.shape[0], cfg.validation, torch.Generator().manual_seed(cfg.seed))
+    return data.x[train_idx]
+
+
+def penalty_target(model: torch.nn.Module) -> tuple[float, str] | None:
+    """The target ρ of ``model``'s sparsity penalty and what it is a target for: ``"mean
+    activation"`` (the KL penalties on ρ̂: ``kl``, ``poisson_kl``) or ``"firing frequency"``
+    (``frequency_kl``: the share of samples where a unit's activation exceeds its threshold).
+    None without a penalty or for a penalty without a target (L1, L2, Hoyer)."""
+    from .penalties import FrequencyKL
+
+    pen = getattr(model, "penalty", None)
+    pens = getattr(model, "penalties", None)
+    if pen is None and isinstance(pens, (dict, torch.nn.ModuleDict)) and len(pens):
+        pen = list(pens.values())[-1]  # a stacked model: the penalty on its code layer
+    target = getattr(pen, "target", None)
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        return None
+    inner = getattr(pen, "inner", pen)
+    return float(target), "firing frequency" if isinstance(inner, FrequencyKL) else "mean activation"

@@ -3,7 +3,9 @@
 The page holds the run's config (every field; values that differ from ``TrainConfig()`` are
 highlighted), the final metrics (``metrics.json``), every PNG figure of the folder embedded as a
 base64 ``data:`` URI, and ρ̂ and the firing fraction of each unit, recomputed from the saved weights
-on the run's data, sorted, with dead units flagged. Nothing outside the file is referenced: the CSS
+on the run's training split (:func:`actsparse.evaluation.training_split`: the samples that
+``metrics.json`` was computed on, so its ``mean_activation`` is the mean of these ρ̂_j), sorted,
+with dead units flagged. Nothing outside the file is referenced: the CSS
 is inline, the figures are ``data:`` URIs, and a Content-Security-Policy forbids any fetch. A tiny
 inline script records, on load, how many images decoded (``<body data-figures-rendered>`` and
 ``data-figures-total``), so a headless browser's dumped DOM proves the figures render.
@@ -25,19 +27,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .train import unit_statistics as unit_stats  # ρ̂ and firing per unit, from evaluate's pass
+from .evaluation import penalty_target, training_split
+from .evaluation import unit_statistics as unit_stats  # ρ̂ and firing per unit, from evaluate's pass
 
 __all__ = ["write_report", "unit_stats", "REPORT_NAME"]
 
 #: File name of the page inside the run folder.
 REPORT_NAME = "report.html"
 
+#: For a sigmoid code, a unit counts as on where its activation exceeds this (pre-activation > 0):
+#: a sigmoid is never exactly 0, so the firing fraction (≠ 0) and L0 would count every unit.
+SIGMOID_ON = 0.5
+
 #: Captions of the figures that :func:`actsparse.plots.write_figures` writes.
 CAPTIONS = {
-    "loss.png": "Training loss per logged step: total, reconstruction and sparsity penalty (log scale).",
-    "filters.png": "Learned features: each encoder row as an image tile, scaled to its own max |w|.",
-    "reconstructions.png": "The most varied inputs (top row) and the model's reconstructions of them (bottom row).",
-    "rho_hat.png": "Histogram of the mean activation ρ̂_j of each unit (first 4,096 samples); the target ρ dashed.",
+    "loss.png": "Training loss per logged step (log scale), each term on that step's batch: total = reconstruction "
+                "+ sparsity penalty + weight decay (+ AuxK, drawn as the rest); a term that is 0 throughout is "
+                "named, not drawn. The log has no validation loss: metrics.json's val_reconstruction (end of run) is "
+                "one marker at the last step, beside the reconstruction over the training split.",
+    "filters.png": "Learned features: each encoder row as an image tile, each tile scaled to its own max |w| "
+                   "(grey = 0), so the contrast of two tiles cannot be compared.",
+    "reconstructions.png": "Inputs and the model's reconstructions of them, on one grey scale: the data ordered by "
+                           "input variance and cut into 20 equal strata, one input drawn at random (seed 0) from "
+                           "each, lowest variance first; a representative sample, not a chosen one.",
+    "rho_hat.png": "Histogram of ρ̂_j, the mean activation of each unit over the training split in eval mode (their "
+                   "mean is metrics.json's mean_activation).",
 }
 
 #: What each key of ``metrics.json`` is.
@@ -46,11 +60,12 @@ METRIC_NOTES = {
     "penalty": "sparsity penalty (weighted)",
     "fvu": "fraction of variance unexplained, Σ‖x − x̂‖² / Σ‖x − x̄‖²",
     "l0": "mean number of non-zero units per sample",
-    "mean_activation": "ρ̂, mean activation over units and samples",
+    "mean_activation": "ρ̂, mean activation over units and the training split's samples (eval mode)",
     "fraction_dead": "fraction of units that never fired",
     "target": "target ρ of the penalty",
     "seconds": "training time (s)",
     "total_seconds": "data + training + files (s)",
+    "threads": "CPU threads of torch",
     "steps": "optimiser steps",
     "rollbacks": "rollbacks after a NaN/Inf",
     "processes": "training processes",
@@ -61,9 +76,13 @@ METRIC_NOTES = {
 }
 
 
-@torch.no_grad()
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _close(a: float, b: float) -> bool:
+    """Equal up to the float32 rounding of a pass on another device."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
 
 
 def _num(v: object) -> str:
@@ -90,15 +109,22 @@ def _ticks(hi: float, n: int = 5) -> list[float]:
     return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
 
 
-def _units_svg(rho: Tensor, firing: Tensor, order: Tensor, target: float | None) -> str:
+def _units_svg(rho: Tensor, firing: Tensor, order: Tensor, target: tuple[float, str] | None,
+               on_label: str = "firing fraction", mark_dead: bool = True) -> str:
     """Bars of ρ̂_j sorted (left axis), the firing fraction in the same order (right axis, 0–1),
-    the target ρ dashed, dead units as red marks under the axis."""
-    w, h, left, right, top, bottom = 900, 330, 64, 56, 36, 46
-    pw, ph = w - left - right, h - top - bottom
+    the target dashed on the axis it belongs to (a target mean activation on the left, a target
+    firing frequency on the right), dead units as red marks under the axis."""
+    w, h, right, top, bottom = 900, 330, 64, 36, 46
     r, f = rho[order].tolist(), firing[order].tolist()
     n = len(r)
-    ticks = _ticks(max(max(r), target or 0.0, 1e-12) * 1.05)
+    mean_target = target[0] if target is not None and target[1] == "mean activation" else None
+    freq_target = target[0] if target is not None and target[1] != "mean activation" else None
+    ticks = _ticks(max(max(r), mean_target or 0.0, 1e-12) * 1.05)
     ymax = ticks[-1]
+    labels = [f"{t:.4g}" for t in ticks]
+    # the tick labels (≈ 7 px a character at 12 px) and a gap, then the rotated axis title
+    left = int(34 + 7.2 * max(map(len, labels)))
+    pw, ph = w - left - right, h - top - bottom
 
     def y(v: float, top_v: float = ymax) -> float:
         return top + ph * (1 - min(max(v / top_v, 0.0), 1.0))
@@ -109,19 +135,20 @@ def _units_svg(rho: Tensor, firing: Tensor, order: Tensor, target: float | None)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
            'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="#fff"/>']
-    for t in ticks:
+    for t, label in zip(ticks, labels):
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(t):.2f}" y2="{y(t):.2f}" stroke="#e3e3e3"/>'
-                   f'<text x="{left - 6}" y="{y(t) + 4:.2f}" text-anchor="end">{t:.4g}</text>')
+                   f'<text x="{left - 6}" y="{y(t) + 4:.2f}" text-anchor="end">{label}</text>')
     for t in (0.0, 0.5, 1.0):
         out.append(f'<text x="{left + pw + 6}" y="{y(t, 1.0) + 4:.2f}" fill="#d2691e">{t:g}</text>')
     out.append(f'<path d="{bars}" fill="#3b75af"/>')
-    if target is not None:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(target):.2f}" y2="{y(target):.2f}" stroke="#c0392b" '
-                   f'stroke-width="1.5" stroke-dasharray="6 4"/>')
+    for value, scale in ((mean_target, ymax), (freq_target, 1.0)):
+        if value is not None:
+            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(value, scale):.2f}" y2="{y(value, scale):.2f}" '
+                       'stroke="#c0392b" stroke-width="1.5" stroke-dasharray="6 4"/>')
     pts = " ".join(f"{left + (i + 0.5) * bw:.2f},{y(v, 1.0):.2f}" for i, v in enumerate(f))
     out.append(f'<polyline points="{pts}" fill="none" stroke="#d2691e" stroke-width="1.5"/>')
     dead = "".join(f"M{left + i * bw:.2f} {top + ph + 3}h{max(bw, 1.0):.2f}v6h-{max(bw, 1.0):.2f}z"
-                   for i, v in enumerate(f) if v == 0)
+                   for i, v in enumerate(f) if v == 0) if mark_dead else ""
     if dead:
         out.append(f'<path d="{dead}" fill="#c0392b"/>')
     out.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#333"/>'
@@ -130,11 +157,13 @@ def _units_svg(rho: Tensor, firing: Tensor, order: Tensor, target: float | None)
                '(largest first)</text>'
                f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
                'mean activation ρ̂_j</text>'
-               f'<text transform="translate({w - 12} {top + ph / 2}) rotate(90)" text-anchor="middle" '
-               'fill="#d2691e">firing fraction</text>')
-    legend = [("#3b75af", "ρ̂_j"), ("#d2691e", "firing fraction")]
-    if target is not None:
-        legend.append(("#c0392b", f"target ρ = {target:g}"))
+               f'<text transform="translate({w - 14} {top + ph / 2}) rotate(90)" text-anchor="middle" '
+               f'fill="#d2691e">{html.escape(on_label)}</text>')
+    legend = [("#3b75af", "ρ̂_j"), ("#d2691e", on_label)]
+    if mean_target is not None:
+        legend.append(("#c0392b", f"target mean activation ρ = {mean_target:g}"))
+    if freq_target is not None:
+        legend.append(("#c0392b", f"target firing frequency ρ = {freq_target:g} (right axis)"))
     if dead:
         legend.append(("#c0392b", "dead (never fired)"))
     x0 = left
@@ -172,7 +201,8 @@ tr.dead td{background:#fde2df;color:#8e1b10}.badge{font-size:11.5px;font-weight:
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:18px}
 figure{margin:0;border:1px solid #e6e8eb;border-radius:6px;padding:10px;background:#fff}
 figure img{max-width:100%;height:auto;display:block;margin:0 auto}
-figure.wide{grid-column:1/-1}figcaption{font-size:13px;color:#555;margin-top:6px}
+figure.wide{grid-column:1/-1}figure.tall{grid-row:span 2;align-self:start}
+tr.unused td{color:#999}figcaption{font-size:13px;color:#555;margin-top:6px}
 details summary{cursor:pointer;color:#2b5d8f;margin:6px 0}
 img.broken{outline:3px solid #c0392b}
 """
@@ -224,11 +254,21 @@ def write_report(run_dir: str | Path) -> Path:
         if not isinstance(metrics, dict):
             raise ValueError(f"{metrics_path} must hold a JSON object, got {type(metrics).__name__}")
     data = load_data(cfg)
-    rho, firing = unit_stats(model, data.x)
+    # one ρ̂ for the whole page: over the training split in eval mode, as metrics.json's mean_activation
+    x = training_split(data, cfg)
+    sigmoid = cfg.activation == "sigmoid"  # never exactly 0: "≠ 0" counts every unit on every sample
+    rho, firing = unit_stats(model, x, threshold=SIGMOID_ON if sigmoid else None)
     order = torch.argsort(rho, descending=True, stable=True)
-    dead = int((firing == 0).sum())
-    target = getattr(getattr(model, "penalty", None), "target", None)
-    target = float(target) if isinstance(target, (int, float)) else None
+    dead = 0 if sigmoid else int((firing == 0).sum())
+    target = penalty_target(model)  # (ρ, "mean activation" | "firing frequency") or None
+    on_label = f"share of samples > {SIGMOID_ON:g}" if sigmoid else "firing fraction"
+    if data.stream is not None:
+        where = f"the sample of the streamed store that the metrics use ({x.shape[0]} rows)"
+    else:
+        n_val = data.x.shape[0] - x.shape[0]
+        where = (f"the training split ({x.shape[0]} of the {data.x.shape[0]} samples; {n_val} held out for "
+                 f"validation with seed {cfg.seed}, as train does)" if n_val else f"all {x.shape[0]} samples")
+    rho_mean = float(rho.mean())
 
     title = f"actsparse run {run_dir.resolve().name}"
     steps = metrics.get("steps", _steps_from_log(run_dir))
@@ -250,31 +290,64 @@ def write_report(run_dir: str | Path) -> Path:
     # metrics
     parts.append("<h2>Final metrics</h2>")
     if metrics:
-        rows = [f'<tr><td><code>{_e(k)}</code></td><td>{_e(METRIC_NOTES.get(k, ""))}</td>'
-                f'<td class="{"n" if isinstance(v, (int, float)) else "s"}" title="{_e(v)}">{_e(_num(v))}</td></tr>'
-                for k, v in metrics.items()]
+        rows, notes, hidden = [], [], []
+        for k, v in metrics.items():
+            note, cls = METRIC_NOTES.get(k, ""), ""
+            if k == "target":
+                if cfg.penalty is None:  # no penalty, no target: train records --target's default all the same
+                    notes.append("metrics.json's target (the default of --target) is not shown: this run has "
+                                 "no penalty, so no target.")
+                    continue
+                if target is None:
+                    note, cls = f"not used: --penalty {cfg.penalty} has no target (the default of --target)", "unused"
+                elif target[1] == "firing frequency":
+                    note = ("target firing frequency ρ of --penalty frequency_kl: the share of samples where a "
+                            "unit's activation exceeds its threshold (not a mean activation)")
+                else:
+                    note = f"target mean activation ρ of --penalty {cfg.penalty}"
+            elif sigmoid and k in ("l0", "fraction_dead"):
+                hidden.append(f"{k} ({_num(v)})")
+                if k == "l0":
+                    rows.append(f'<tr><td>units &gt; {SIGMOID_ON:g}</td><td>mean number of units above {SIGMOID_ON:g} '
+                                f"per sample (pre-activation &gt; 0; recomputed on the same samples)</td>"
+                                f'<td class="n">{_e(_num(float(firing.sum())))}</td></tr>')
+                continue
+            elif k == "mean_activation" and isinstance(v, (int, float)) and not _close(v, rho_mean):
+                note += f" (the report recomputes {_num(rho_mean)}: the weights or the data changed since)"
+            rows.append(f'<tr{f" class={cls}" if cls else ""}><td><code>{_e(k)}</code></td><td>{_e(note)}</td>'
+                        f'<td class="{"n" if isinstance(v, (int, float)) else "s"}" title="{_e(v)}">{_e(_num(v))}'
+                        "</td></tr>")
         parts.append(_table(["metric", "meaning", "value"], rows, numeric=(2,)))
+        if hidden:
+            notes.append(f"metrics.json's {' and '.join(hidden)} not shown: sigmoid units are never exactly 0, so "
+                         "every unit counts as non-zero on every sample.")
+        parts.extend(f'<p class="note">{_e(n)}</p>' for n in notes)
     else:
         parts.append(f'<p class="note">No <code>metrics.json</code> in {_e(run_dir)}: the run did not finish.</p>')
 
     # figures: the per-unit chart first, then every PNG of the folder
-    unit_cap = (f"ρ̂_j and firing fraction of each of the {rho.numel()} units, recomputed by the report on "
-                f"{data.x.shape[0]} samples of the run's data" + (" (a sample of the streamed store)"
-                                                                  if data.stream is not None else "")
-                + f", sorted by ρ̂; {dead} dead.")
-    svg = _units_svg(rho, firing, order, target).encode()
+    unit_cap = (f"ρ̂_j (mean activation, eval mode) and {on_label} of each of the {rho.numel()} units, recomputed by "
+                f"the report from the saved weights on {where}, sorted by ρ̂"
+                + ("." if sigmoid else f"; {dead} dead."))
+    svg = _units_svg(rho, firing, order, target, on_label, mark_dead=not sigmoid).encode()
     figs = [_figure(_data_uri("image/svg+xml", svg), unit_cap, "rho_hat per unit, sorted", (900, 330))
             .replace("<figure>", '<figure class="wide">', 1)]
-    known = list(CAPTIONS)  # write_figures' order first, then any other PNG by name
+    known = ["loss.png", "filters.png", "rho_hat.png", "reconstructions.png"]  # then any other PNG by name
     pngs = sorted((p for p in run_dir.glob("*.png") if p.is_file()),
                   key=lambda p: (known.index(p.name) if p.name in known else len(known), p.name))
+    names = {p.name for p in pngs}
     for p in pngs:
         raw = p.read_bytes()
         size = _png_size(raw)
-        fig = _figure(_data_uri("image/png", raw), CAPTIONS.get(p.name, p.stem.replace("_", " ")) + f" ({p.name})",
-                      p.name, size)
-        if size and size[0] > 2.2 * size[1]:  # a strip (the reconstructions): the full width of the page
+        caption = CAPTIONS.get(p.name, p.stem.replace("_", " "))
+        if p.name == "rho_hat.png" and target is not None:
+            caption += (f" The target mean activation ρ = {target[0]:g} dashed." if target[1] == "mean activation" else
+                        f" The penalty's target {target[0]:g} is a {target[1]}, not a ρ̂: not drawn here.")
+        fig = _figure(_data_uri("image/png", raw), f"{caption} ({p.name})", p.name, size)
+        if p.name == "reconstructions.png" or (size and size[0] > 2.2 * size[1]):  # a strip: the page's width
             fig = fig.replace("<figure>", '<figure class="wide">', 1)
+        elif p.name == "filters.png" and {"loss.png", "rho_hat.png"} <= names:  # beside the two, one above the other
+            fig = fig.replace("<figure>", '<figure class="tall">', 1)
         figs.append(fig)
     parts.append("<h2>Figures</h2>")
     if not pngs:
@@ -284,24 +357,29 @@ def write_report(run_dir: str | Path) -> Path:
 
     # units
     parts.append("<h2>Units</h2>")
-    summary = (f"{rho.numel()} units; ρ̂ mean {float(rho.mean()):.4g}, min {float(rho.min()):.4g}, "
-               f"max {float(rho.max()):.4g}" + (f" (target {target:g})" if target is not None else "")
-               + f"; {dead} dead (never non-zero on the {data.x.shape[0]} samples)")
-    dead_ids = sorted(torch.nonzero(firing == 0).flatten().tolist())
-    if dead_ids:
-        summary += ": unit" + ("s " if dead > 1 else " ") + ", ".join(map(str, dead_ids[:50])) \
-            + (f" and {dead - 50} more" if dead > 50 else "")
-    summary += "."
-    if cfg.activation == "sigmoid":
-        summary += " Sigmoid units are never exactly 0, so each fires on every sample: ρ̂ is their measure."
+    summary = (f"{rho.numel()} units, measured on {where} in eval mode; ρ̂ mean {_num(rho_mean)} (metrics.json's "
+               f"mean_activation), min {_num(float(rho.min()))}, max {_num(float(rho.max()))}")
+    if target is not None:
+        summary += f"; target {target[1]} {target[0]:g}"
+    if sigmoid:
+        summary += (f". Sigmoid units are never exactly 0, so each is non-zero on every sample (L0 would count every "
+                    f"unit): the {on_label} (pre-activation positive) stands in for the firing fraction, and no unit "
+                    "is called dead.")
+    else:
+        summary += f"; {dead} dead (never non-zero on these samples)"
+        dead_ids = sorted(torch.nonzero(firing == 0).flatten().tolist())
+        if dead_ids:
+            summary += ": unit" + ("s " if dead > 1 else " ") + ", ".join(map(str, dead_ids[:50])) \
+                + (f" and {dead - 50} more" if dead > 50 else "")
+        summary += "."
     parts.append(f"<p>{_e(summary)}</p>")
     rows = []
     for rank, j in enumerate(order.tolist(), 1):
-        is_dead = float(firing[j]) == 0
+        is_dead = not sigmoid and float(firing[j]) == 0
         rows.append(f'<tr{" class=dead" if is_dead else ""}><td class="n">{rank}</td><td class="n">{j}</td>'
                     f'<td class="n">{float(rho[j]):.5g}</td><td class="n">{float(firing[j]):.4f}</td>'
                     f'<td>{"<span class=badge>dead</span>" if is_dead else ""}</td></tr>')
-    table = _table(["rank", "unit", "ρ̂_j", "firing fraction", ""], rows, numeric=(0, 1, 2, 3))
+    table = _table(["rank", "unit", "ρ̂_j", on_label, ""], rows, numeric=(0, 1, 2, 3))
     opened = " open" if rho.numel() <= 64 else ""
     parts.append(f"<details{opened}><summary>Per-unit table, sorted by ρ̂ ({rho.numel()} rows)</summary>"
                  f"{table}</details>")

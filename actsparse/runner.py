@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,8 @@ from .config import TrainConfig
 from .run_files import claim_run_dir, holds_run
 from .train import TrainResult, planned_steps, train
 
-__all__ = ["likely_cause", "prepare_run_dir", "choose_run_name", "run_training", "dictionary_recovery", "DEFAULT_NAME"]
+__all__ = ["likely_cause", "prepare_run_dir", "choose_run_name", "run_training", "dictionary_recovery", "DEFAULT_NAME",
+           "default_threads", "summary_statistics", "WORK_PER_THREAD"]
 
 
 #: The run name when ``--name`` is not given (the classic CS294A exercise is the default run).
@@ -71,22 +74,220 @@ def _remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def _progress(cfg: TrainConfig, total: int) -> tuple[Callable[[dict], None], Callable[[], None]]:
-    if not cfg.progress:
-        return (lambda rec: None), (lambda: None)
+#: Multiply-adds of one forward pass (parameters × rows of a step) that one more intra-op thread
+#: needs before :func:`default_threads` gives it: each thread's share of a step must take several
+#: milliseconds, so that a thread descheduled by another process (a time slice, a few ms) delays
+#: a step by a fraction of it rather than many times over.
+WORK_PER_THREAD = 1e8
+
+
+def _code_width(cfg: TrainConfig) -> int:
+    """Units of the penalised code: ``hidden``, or the last of ``sizes`` for a stacked model."""
+    return int(cfg.sizes[-1]) if cfg.model == "stacked" and cfg.sizes else int(cfg.hidden)
+
+
+def _parameters(cfg: TrainConfig, d_in: int) -> int:
+    """Weights and biases of the model ``cfg`` describes on inputs of size ``d_in`` (without building it)."""
+    if cfg.model == "stacked" and cfg.sizes:
+        sizes = [d_in, *cfg.sizes]
+        return sum(2 * a * b + a + b for a, b in zip(sizes, sizes[1:]))  # encoder and its mirror
+    return d_in * cfg.hidden * (1 if cfg.tied else 2) + cfg.hidden + d_in
+
+
+def _processes() -> tuple[int, int]:
+    """(processes of the run, processes on this machine), from torchrun's environment."""
+    def env(name: str, default: int) -> int:
+        try:
+            return max(1, int(os.environ.get(name, default)))
+        except ValueError:
+            return default
+    world = env("WORLD_SIZE", 1)
+    return world, env("LOCAL_WORLD_SIZE", world)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else ``os.cpu_count()``), shared out among
+    the processes torchrun started on this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // _processes()[1])
+
+
+def _own_running_threads() -> int:
+    n = 0
+    try:
+        for task in os.scandir("/proc/self/task"):
+            try:
+                stat = Path(task.path, "stat").read_text()
+            except OSError:
+                continue
+            n += stat[stat.rindex(")") + 2:].startswith("R")
+    except OSError:
+        return 1
+    return max(1, n)
+
+
+def busy_cores(samples: int = 5, interval: float = 0.005) -> float:
+    """Cores that other processes keep busy now, on this process's share of the machine.
+
+    On Linux: the runnable tasks of ``/proc/loadavg`` less this process's running threads, the
+    median of ``samples`` reads ``interval`` seconds apart (a spinning process is always
+    runnable; the load average would take a minute to show it, and would count this process).
+    Elsewhere: the 1-minute load average. The machine-wide count is scaled by the share of the
+    machine's cores this process may use."""
+    counts = []
+    try:
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            counts.append(max(0, running - _own_running_threads()))
+        busy = float(statistics.median(counts))
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    total = os.cpu_count() or 1
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = total
+    return busy * min(1.0, mine / total)
+
+
+def _choose_threads(cfg: TrainConfig, n_samples: int, d_in: int, *, cores: int | None = None,
+                    busy: float | None = None) -> tuple[int, str]:
+    if cfg.threads is not None:
+        return cfg.threads, "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "from OMP_NUM_THREADS"
+    world, _ = _processes()
+    if cfg.optimizer == "lbfgs":  # full batch: the training split, shared among the processes
+        rows = max(1, n_samples - int(round(cfg.validation * n_samples)))
+    else:
+        rows = max(1, min(cfg.batch_size, n_samples))
+    rows = max(1, rows // world)
+    work = _parameters(cfg, d_in) * rows
+    cores = usable_cores() if cores is None else max(1, int(cores))
+    by_work = max(1, int(work // WORK_PER_THREAD))
+    if by_work == 1:
+        return 1, "chosen: small model"
+    if cores == 1:
+        return 1, "chosen: one core"
+    busy = busy_cores() if busy is None else max(0.0, float(busy))
+    free = max(1, int(math.floor(cores - busy + 0.5)))
+    n = min(cores, by_work, free)
+    if n == free and free < cores:
+        return n, f"chosen: {busy:.0f} of {cores} cores busy"
+    return n, ("chosen: large model" if n == cores else f"chosen: model size, {cores} cores")
+
+
+def default_threads(cfg: TrainConfig, n_samples: int, d_in: int, *, cores: int | None = None,
+                    busy: float | None = None) -> int:
+    """The intra-op thread count of a run of ``cfg`` on ``n_samples`` rows of ``d_in`` features.
+
+    ``cfg.threads`` when it is set, else ``OMP_NUM_THREADS`` when that is set, else:
+
+    - **1 for a small model**: work per step (parameters × rows of a step: the training split for
+      full-batch L-BFGS, a minibatch otherwise) under 2 × :data:`WORK_PER_THREAD`. Several
+      threads make such a step up to 1.5× faster on an idle machine, but when another process
+      takes a core, the threads spin-wait for the descheduled one at every operation, and the
+      same run becomes 5–40× slower (the classic 64 → 25 → 64 run: 1.3 s with two threads idle,
+      9–45 s with two threads on a busy machine, 1.8–2.1 s with one thread either way);
+    - otherwise one thread per :data:`WORK_PER_THREAD` of work, at most the cores not busy with
+      other processes (:func:`busy_cores`) of the cores this process may use
+      (:func:`usable_cores`), and at least 1.
+
+    ``cores`` and ``busy`` replace the measured values (tests, benchmarks)."""
+    return _choose_threads(cfg, n_samples, d_in, cores=cores, busy=busy)[0]
+
+
+def summary_statistics(cfg: TrainConfig, m: dict[str, float]) -> list[str]:
+    """The sparsity statistics worth printing for a run of ``cfg`` with metrics ``m`` (``l0``,
+    ``mean_activation``), as text: L0 where the code has exact zeros (not for sigmoid units, which
+    are never 0), and the statistic that the penalty targets, next to its target: the mean
+    activation ρ̂ for the Bernoulli and Poisson KLs, the firing frequency (L0 / units: the mean
+    over units of the share of samples where a unit is non-zero) for ``frequency_kl``. L1, L2,
+    Hoyer and no penalty have no target: the mean activation is shown alone."""
+    penalty = (cfg.penalty or "").lower().replace("-", "_")
+    units = _code_width(cfg)
+    parts = [] if cfg.activation == "sigmoid" else [f"L0 {m['l0']:.2f} of {units}"]
+    if penalty in ("kl", "bernoulli_kl", "poisson_kl"):
+        parts.append(f"mean activation {m['mean_activation']:.4g} (target {cfg.target:g})")
+    elif penalty == "frequency_kl":
+        parts.append(f"firing frequency {m['l0'] / units:.4g} (target {cfg.target:g})")
+    else:
+        parts.append(f"mean activation {m['mean_activation']:.4g}")
+    return parts
+
+
+#: Plain progress lines (stderr not a terminal): one per tenth of the run, and one at least every
+#: this many seconds.
+PROGRESS_SECONDS = 60.0
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _progress(cfg: TrainConfig, total: int, stream=None) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """Progress of the run: a tqdm bar on a terminal; into a file or a pipe (a log), a plain line
+    at every tenth of the run and at least every :data:`PROGRESS_SECONDS` (``step 40/400 (10%)
+    loss 0.4512, FVU 0.612, mean activation 0.0113 (target 0.01), 1.2 s``)."""
+    noop = (lambda rec: None), (lambda: None)
+    stream = sys.stderr if stream is None else stream
+    if not cfg.progress or stream is None:
+        return noop
+    if not _isatty(stream):
+        return _progress_lines(cfg, total, stream), (lambda: None)
     try:
         from tqdm.auto import tqdm
     except ModuleNotFoundError:
-        return (lambda rec: None), (lambda: None)
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+        return noop
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False, file=stream)
 
     def update(rec: dict) -> None:
         bar.n = int(rec["step"])
-        bar.set_postfix(loss=f"{rec['loss']:.4g}", l0=f"{rec['l0']:.3g}", rho=f"{rec['mean_activation']:.4f}",
-                        refresh=False)
+        post = {"loss": f"{rec['loss']:.4g}"}
+        if cfg.activation != "sigmoid":
+            post["l0"] = f"{rec['l0']:.3g}"
+        if (cfg.penalty or "").lower().replace("-", "_") == "frequency_kl":
+            post["freq"] = f"{rec['l0'] / _code_width(cfg):.4f}"
+        else:
+            post["rho"] = f"{rec['mean_activation']:.4f}"
+        bar.set_postfix(post, refresh=False)
         bar.refresh()
 
     return update, bar.close
+
+
+def _progress_lines(cfg: TrainConfig, total: int, stream) -> Callable[[dict], None]:
+    every = max(1, math.ceil(total / 10))
+    last = [time.perf_counter()]
+
+    def update(rec: dict) -> None:
+        step, now = int(rec["step"]), time.perf_counter()
+        if step % every and step != total and now - last[0] < PROGRESS_SECONDS:
+            return
+        last[0] = now
+        fvu = rec.get("fvu", float("nan"))
+        stats = ", ".join([f"loss {rec['loss']:.4g}", *([] if math.isnan(fvu) else [f"FVU {fvu:.3f}"]),
+                           *summary_statistics(cfg, rec)])
+        pct = f" ({100 * step / total:.0f}%)" if total else ""
+        seconds = f", {rec['seconds']:.1f} s" if "seconds" in rec else ""
+        try:
+            print(f"step {step}/{total}{pct} {stats}{seconds}", file=stream, flush=True)
+        except (OSError, ValueError):  # a closed or broken log stream does not stop the run
+            pass
+
+    return update
 
 
 def dictionary_recovery(model, data) -> float | None:
@@ -148,7 +349,7 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
     from .data import load_data
     from .distributed import world
 
-    rank, world_size = world()
+    world_size = world()[1]
     if cfg.tensorboard is not None:  # a missing package ends the run here, on every rank, before any work
         from .tensorboard import require_tensorboard
 
@@ -158,8 +359,25 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
     t0 = time.perf_counter()
     data = load_data(cfg)
     source = data.stream if data.stream is not None else data.x
-    echo(f"data: {data.description} -> {(data.stream.n_rows, data.stream.d) if data.stream else tuple(data.x.shape)}"
-         + (f", {world_size} processes" if world_size > 1 else ""))
+    rows, d_in = (data.stream.n_rows, data.stream.d) if data.stream else tuple(data.x.shape)
+    echo(f"data: {data.description} -> {(rows, d_in)}" + (f", {world_size} processes" if world_size > 1 else ""))
+    if cfg.threads is not None:
+        return _train_and_report(cfg, run_dir, echo, data, source, t0)
+    threads, why = _choose_threads(cfg, rows, d_in)
+    echo(f"threads: {threads} ({why}; --threads N to set)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train_and_report(cfg, run_dir, echo, data, source, t0)
+    finally:  # a choice of the run's, not the caller's: a Python caller gets its own count back
+        torch.set_num_threads(before)
+
+
+def _train_and_report(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None], data, source,
+                      t0: float) -> TrainResult:
+    from .distributed import world
+
+    rank, world_size = world()
     total = planned_steps(cfg, source)
     model = None
     if cfg.model == "stacked" and cfg.pretrain and not cfg.resume:
@@ -194,7 +412,7 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
         close()
     if rank != 0:  # rank 0 reports and writes
         return result
-    metrics = result.metrics | {"data": data.description}
+    metrics = result.metrics | {"data": data.description, "threads": torch.get_num_threads()}
     recovery = dictionary_recovery(result.model, data)
     if recovery is not None:
         metrics["mmcs"] = recovery
@@ -211,15 +429,14 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
         written += write_figures(run_dir, result, data)
     echo(f"wrote {run_dir}/: {', '.join(written)}")
     m = result.metrics
-    target = f" (target {cfg.target:g})" if cfg.penalty and "kl" in cfg.penalty.lower() else ""
     if cfg.model == "stacked":
         shape = "-".join(map(str, [data.x.shape[1], *cfg.sizes]))
     else:
         shape = f"{cfg.hidden} hidden units"
     fvu = "FVU undefined (the data have no variance)" if math.isnan(m["fvu"]) else f"FVU {m['fvu']:.3f}"
     echo(f"trained {shape}, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
-         f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, {fvu}, L0 {m['l0']:.2f}, "
-         f"mean activation {m['mean_activation']:.4f}{target}")
+         f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, {fvu}, "
+         f"{', '.join(summary_statistics(cfg, m))}")
     if m["fvu"] >= 0.99:
         echo(f"warning: FVU {m['fvu']:.3f}: the model reconstructs no better than the mean of the data; "
              f"{likely_cause(cfg, m)}")

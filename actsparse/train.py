@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import STREAM_SAMPLE
 from .distributed import local_batch_statistics, sync_batch_statistics, world
 from .errors import NonFiniteError, TrainingError, TrainingWarning
-from .evaluation import evaluate, unit_statistics
+from .evaluation import evaluate, split_indices, unit_statistics
 from .interrupt import RunInterrupted, StopSignals
 from .lbfgs import LBFGS
 from .models import SparseAutoencoder
@@ -189,9 +189,10 @@ class _Run:
         if streaming:
             self.n_val, self.x_train, self.x_val = 0, x, None
         else:
-            perm = torch.randperm(x.shape[0], generator=self.g)
-            self.n_val = int(round(cfg.validation * x.shape[0]))
-            self.x_val, self.x_train = x[perm[:self.n_val]], x[perm[self.n_val:]]
+            # the one definition of the split, which the report and the figures rebuild from the run folder
+            val_idx, train_idx = split_indices(x.shape[0], cfg.validation, self.g)
+            self.n_val = len(val_idx)
+            self.x_val, self.x_train = x[val_idx], x[train_idx]
             if self.x_train.shape[0] < 2:
                 raise ValueError(f"--validation {cfg.validation:g} holds out {self.n_val} of {x.shape[0]} samples and "
                                  f"leaves {self.x_train.shape[0]} for training: lower --validation or give more data")

@@ -423,11 +423,12 @@ def test_a_signal_inside_train_checkpoints_and_resumes_bit_identically(tmp_path,
 
     run = tmp_path / "run"
     run.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted) as stopped:
         train(TrainConfig(**kw), x, run_dir=run, on_step=send)
     assert stopped.value.step == 30 and stopped.value.exit_code == 128 + signal.SIGTERM
     assert ck.load_latest(run)[0]["step"] == 30
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is given back
     resumed = train(TrainConfig(resume=True, **kw), x, run_dir=run)
     a, b = _state(full.model), _state(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
