@@ -35,8 +35,11 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
     penalty = None
     if cfg.penalty is not None:
         kwargs: dict[str, Any] = {"weight": cfg.weight}
-        if cfg.penalty.lower().replace("-", "_") in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
+        key = cfg.penalty.lower().replace("-", "_")
+        if key in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
             kwargs["target"] = cfg.target
+        if key == "frequency_kl":  # None: FrequencyKL's own default (TrainConfig refuses them for other penalties)
+            kwargs.update({n: getattr(cfg, n) for n in ("bandwidth", "threshold") if getattr(cfg, n) is not None})
         penalty = get_penalty(cfg.penalty, **kwargs)
     recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
     if cfg.model == "stacked":

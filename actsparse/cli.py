@@ -23,9 +23,9 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        raise _MissingExtra(
-            f"the actsparse command needs {module!r}: pip install 'actsparse[cli]'"
-        ) from err
+        from .config import install_hint
+
+        raise _MissingExtra(f"the actsparse command needs {module!r}: {install_hint('cli')}") from err
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -51,9 +51,20 @@ def _one_line(box: str) -> str:
     msg = re.sub(r"^Error parsing (-\S+): ", r"\1: ", msg)
     msg = re.sub(r"invalid literal for int\(\) with base 10: (.*)", r"expected an integer, got \1", msg)
     msg = re.sub(r"could not convert string to float: (.*)", r"expected a number, got \1", msg)
+    msg = re.sub(r"no type matching \{None\}\|(\w+) could be instantiated from \[(.*?)\]\..*",
+                 lambda m: f"expected {_KINDS.get(m.group(1), m.group(1))} or None, got {m.group(2)}", msg)
     if len(sections) > 1 and sections[1][0].startswith("Perhaps you meant") and len(sections[1]) > 1:
-        msg += f" (did you mean {sections[1][1].split()[0]}?)"
+        import difflib
+
+        options = [o for o in sections[1][1].replace(",", " ").split() if o.startswith("-")]  # --plots, --no-plots
+        bad = re.search(r"Unrecognized options: ([^,\s]+)", msg)
+        close = difflib.get_close_matches(bad.group(1), options, n=1, cutoff=0) if bad and options else options
+        if close:
+            msg += f" (did you mean {close[0]}?)"
     return msg
+
+
+_KINDS = {"INT": "an integer", "FLOAT": "a number", "STR": "a string"}
 
 
 def _parse(tyro, cls, **kwargs):
@@ -76,6 +87,151 @@ def _parse(tyro, cls, **kwargs):
     finally:
         if not failed and buf.getvalue():
             sys.stderr.write(buf.getvalue())  # warnings printed during a successful parse
+
+
+# ------------------------------------------------------------------------------------------- --help
+# tyro parses the flags; the help is drawn here, from the same dataclass fields and docstrings, so
+# that it can be grouped (TrainConfig stays flat: config.json and TrainConfig(hidden=...) keep
+# their shape), rendered as plain text, and list every choice and one default per flag.
+
+_RST_ROLE = re.compile(r":[\w:]+:`~?([^`]+)`")
+
+
+def _plain(text: str) -> str:
+    """A docstring as one paragraph of plain text: no RST markup (``x``, :class:`~a.B`)."""
+    text = _RST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return " ".join(text.replace("``", "").split())
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of the dataclass ``cls`` (the strings tyro reads too)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (a frozen install): help without the texts
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _show_default(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _help_text(cls: type, default: object, prog: str, description: str, epilog: str = "",
+               groups: dict[str, tuple[str, ...]] | None = None, choices: dict[str, list[str]] | None = None,
+               metavars: dict[str, str] | None = None, none_means: dict[str, str] | None = None) -> str:
+    """The ``--help`` of a command whose flags tyro generates from the dataclass ``cls``: the flags
+    in ``groups`` (heading -> field names; fields left out go to a last "other" group), each with its
+    choices (``Literal`` fields, or ``choices``), its docstring as plain text and one default (the
+    field's value in ``default``; a docstring that says "Default:" itself keeps its own)."""
+    import argparse
+    import dataclasses
+    import shutil
+    import textwrap
+    import typing
+
+    width = max(40, min(shutil.get_terminal_size().columns, 100) - 2)
+    choices, metavars, none_means = choices or {}, metavars or {}, none_means or {}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    grouped = groups is not None
+    groups = dict(groups or {"flags": tuple(fields)})
+    left = [f for f in fields if not any(f in names for names in groups.values())]
+    if left:
+        groups["other"] = tuple(left)
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+
+    def fill(text: str) -> str:  # wrap the paragraphs; one with indented lines (examples) stays as written
+        return "\n\n".join(par if "\n " in par else textwrap.fill(par, width) for par in text.split("\n\n"))
+
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=f"{prog} [-h] [FLAGS]", description=fill(description), epilog=fill(epilog) or None,
+        add_help=False, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=26, width=width))
+    for i, (heading, names) in enumerate(groups.items()):
+        if i == 0:  # -h under "help:" above the groups, or first of the one group "flags:"
+            first = parser.add_argument_group("help") if grouped else parser.add_argument_group(heading)
+            first.add_argument("-h", "--help", action="store_true", help="Show this help and exit.")
+        group = first if i == 0 and not grouped else parser.add_argument_group(heading)
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            kind = hints[name]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+                    and len(args) == 1:
+                kind = args[0]  # X | None: the flag takes an X
+            doc = _plain(docs.get(name, ""))
+            value = getattr(default, name)
+            if "Default:" not in doc:
+                shown = none_means.get(name, "none") if value is None else _show_default(value)
+                doc = f"{doc} Default: {shown}.".strip()
+            if kind is bool:
+                group.add_argument(flag, f"--no-{flag[2:]}", action="store_true", help=doc)
+                continue
+            nargs = None
+            if typing.get_origin(kind) is tuple:  # tuple[int, ...]: --sizes 80 40 4
+                nargs, kind = "+", typing.get_args(kind)[0]
+            if name in choices:
+                metavar = "{" + ",".join(choices[name]) + "}"
+            elif typing.get_origin(kind) is typing.Literal:
+                metavar = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+            else:
+                metavar = metavars.get(name) or {int: "INT", float: "FLOAT"}.get(kind, "STR")
+            group.add_argument(flag, metavar=metavar, nargs=nargs, help=doc)
+    return parser.format_help()
+
+
+def _wants_help(argv: list[str]) -> bool:
+    args = argv[:argv.index("--")] if "--" in argv else argv
+    return any(a in ("-h", "--help") for a in args)
+
+
+_TRAIN_DESCRIPTION = (
+    "Train a sparse autoencoder and write its config, weights, metrics and figures to OUT/NAME "
+    "(runs/classic by default). The defaults are the classic exercise of Ng's CS294A notes: "
+    "10,000 8×8 natural-image patches, a 64-25-64 sigmoid autoencoder, KL penalty with ρ = 0.01 "
+    "and β = 3, weight decay 1e-4, 400 L-BFGS iterations.\n\n"
+    "Settings come from, lowest first: the defaults, --config FILE, the flags. A flag whose "
+    "default is none takes the word None to unset a value a config file gave.")
+
+_TRAIN_EPILOG = (
+    "examples:\n"
+    "  actsparse train --data digits --hidden 64 --name digits\n"
+    "  actsparse train --data synthetic --activation topk --k 8 --decoder linear \\\n"
+    "      --penalty none --optimizer adam --hidden 256\n"
+    "  actsparse train --activation relu --decoder linear \\\n"
+    "      --penalty frequency_kl --target 0.1 --bandwidth 0.3\n"
+    "  actsparse train --resume --name digits --iterations 800")
+
+
+def train_help(default: object = None) -> str:
+    """``actsparse train --help``: TrainConfig's flags in groups, at the terminal's width."""
+    from .config import FIELD_GROUPS, NONE_MEANS, TrainConfig
+    from .penalties import PENALTIES
+
+    return _help_text(
+        TrainConfig, default if default is not None else TrainConfig(), "actsparse train", _TRAIN_DESCRIPTION,
+        _TRAIN_EPILOG, groups=FIELD_GROUPS, choices={"penalty": [*PENALTIES, "none"]},
+        metavars={"data": "SOURCE", "out": "DIR", "name": "NAME", "config": "FILE", "tensorboard": "DIR",
+                  "device": "DEVICE"},
+        none_means=NONE_MEANS)
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -101,11 +257,14 @@ def cmd_train(argv: list[str]) -> int:
     the run's saved config (``config.json``, or the config its checkpoint embeds) comes first; the
     file and the flags may then change only what a resume may change (the step budget and how the
     run is kept): anything else is refused by the trainer, naming the setting."""
-    tyro = _need("tyro")
     from .config import TrainConfig, load_config_file
 
     path, rest = _split_config_flag(argv)
     from_file = load_config_file(path) if path else {}
+    if _wants_help(rest):  # the defaults shown are those of the file, if one is given
+        print(train_help(TrainConfig(**from_file)), end="")
+        return 0
+    tyro = _need("tyro")
     desc = "Train a sparse autoencoder. Defaults: the classic CS294A exercise."
     cfg = _parse(tyro, TrainConfig, default=TrainConfig(**from_file), args=rest, prog="actsparse train",
                  description=desc)
@@ -138,7 +297,7 @@ class GradcheckArgs:
     """Hidden activation. ReLU has a kink at 0: central differences across it are inexact (expect
     ~1e-5), so the 1e-9 bar is for the smooth sigmoid model."""
     penalty: str = "kl"
-    """Penalty name (see actsparse.PENALTIES)."""
+    """Penalty name (a name of ``actsparse.PENALTIES``, or ``none``)."""
     target: float = 0.01
     """Target ρ of a KL penalty."""
     weight: float = 3.0
@@ -174,6 +333,12 @@ def cmd_gradcheck(argv: list[str]) -> int:
     from .gradcheck import relative_gradient_error
     from .train import build_model
 
+    if _wants_help(argv):
+        from .penalties import PENALTIES
+
+        print(_help_text(GradcheckArgs, GradcheckArgs(), "actsparse gradcheck", _plain(GradcheckArgs.__doc__ or ""),
+                         choices={"penalty": [*PENALTIES, "none"]}), end="")
+        return 0
     a = _parse(tyro, GradcheckArgs, args=argv, prog="actsparse gradcheck")
     cfg = TrainConfig(hidden=a.hidden, activation=a.activation, penalty=a.penalty, target=a.target,
                       weight=a.weight, weight_decay=a.weight_decay,
@@ -268,9 +433,9 @@ class CacheArgs:
     dtype: Literal["float32", "float16"] = "float32"
     """Stored dtype."""
     token_file: str | None = None
-    """A 1-D ``.npy`` array of token ids to read (memory-mapped); default: uniformly random tokens."""
+    """A 1-D ``.npy`` array of token ids to read (memory-mapped). Default: uniformly random tokens."""
     bos: int | None = None
-    """Token id put first in every sequence (e.g. 50256 for GPT-2), or none."""
+    """Token id put first in every sequence (e.g. 50256 for GPT-2)."""
     seed: int = 0
     """Seeds the tiny model's weights and the random tokens."""
     device: str = "cpu"
@@ -298,6 +463,11 @@ def cmd_cache_activations(argv: list[str]) -> int:
     tyro = _need("tyro")
     from .data.activations import cache_model_activations
 
+    if _wants_help(argv):
+        print(_help_text(CacheArgs, CacheArgs(), "actsparse cache-activations", _plain(CacheArgs.__doc__ or ""),
+                         metavars={"model": "NAME", "layer": "MODULE", "out": "DIR", "positions": "WHICH",
+                                   "token_file": "FILE", "device": "DEVICE"}), end="")
+        return 0
     a = _parse(tyro, CacheArgs, args=argv, prog="actsparse cache-activations")
     a.check()
     try:
@@ -354,17 +524,20 @@ def _raise_terminated(signum, frame) -> None:
 _raise_terminated.actsparse = True  # type: ignore[attr-defined]  # the trainer may take it over in its loop
 
 
-def _install_stop_handlers() -> None:
+def _install_stop_handlers() -> dict:
     """SIGTERM and SIGHUP end a command the way Ctrl-C does (one line, exit 128 + signal), instead
-    of killing it silently; in main() only, so an embedding program keeps its own handlers."""
+    of killing it silently; for the length of main() only (the handlers it replaced are returned,
+    and main() puts them back), so an embedding program keeps its own."""
     import signal
     import threading
 
+    saved: dict = {}
     if threading.current_thread() is not threading.main_thread():
-        return
+        return saved
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _raise_terminated)
+            saved[sig] = signal.signal(sig, _raise_terminated)
+    return saved
 
 
 def _interrupted(name: str, err: KeyboardInterrupt) -> int:
@@ -385,7 +558,17 @@ def _interrupted(name: str, err: KeyboardInterrupt) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _install_stop_handlers()
+    import signal
+
+    saved = _install_stop_handlers()
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

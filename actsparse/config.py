@@ -1,12 +1,14 @@
 """Typed configuration of a training run. The ``actsparse train`` flags are generated from it.
 
-The defaults are the classic CS294A exercise (GUIDE §3): 10,000 8×8 natural-image patches,
+The defaults are the classic sparse-autoencoder exercise of Andrew Ng's CS294A lecture notes
+("Sparse autoencoder", 2011) and the UFLDL tutorial: 10,000 8×8 natural-image patches,
 64 → 25 → 64 sigmoid autoencoder, ρ = 0.01, λ = 1e-4, β = 3, L-BFGS for 400 iterations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -16,9 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .functional import DEFAULT_BANDWIDTH
 from .penalties import PENALTIES
 
-__all__ = ["TrainConfig", "load_config_file", "ConfigError", "check_run_name"]
+__all__ = ["TrainConfig", "load_config_file", "ConfigError", "check_run_name", "install_hint", "FIELD_GROUPS"]
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, for error messages and docs: the form that works
+    from a clone of the repository (actsparse is installed from source) and the released form.
+
+    >>> install_hint("keras")
+    "from a clone, in its folder: pip install -e '.[keras]' (released: pip install 'actsparse[keras]')"
+    """
+    return f"from a clone, in its folder: pip install -e '.[{extra}]' (released: pip install 'actsparse[{extra}]')"
 
 
 class ConfigError(ValueError):
@@ -35,18 +48,18 @@ class TrainConfig:
     """Train a sparse autoencoder and write config, weights, metrics and figures to ``out/name``."""
 
     data: str = "patches"
-    """Data source: ``patches`` (embedded natural images), ``digits`` (scikit-learn), ``synthetic``
-    (sparse ground truth), a file (.npy/.npz/.pt/.safetensors/.csv, MNIST IDX ``*-ubyte[.gz]``/``*.idx``),
-    an image folder (``folder:DIR`` or a directory: patches are cut from its images), or
-    ``torchvision:NAME:ROOT`` (if torchvision is installed; nothing is downloaded), or
-    ``shards:DIR``, an activation store written by ``actsparse cache-activations`` (streamed:
-    it need not fit in memory)."""
+    """Data source: ``patches`` (natural images shipped with the package), ``digits``
+    (scikit-learn's 8×8 digits), ``synthetic`` (sparse ground truth), a file (.npy, .npz, .pt,
+    .safetensors, .csv, MNIST IDX ``*-ubyte[.gz]`` or ``*.idx``), an image folder (``folder:DIR`` or
+    a directory: patches are cut from its images), ``torchvision:NAME:ROOT`` (needs torchvision;
+    nothing is downloaded), or ``shards:DIR``, an activation store written by ``actsparse
+    cache-activations`` (streamed: it need not fit in memory)."""
     samples: int = 10_000
     """Number of samples to draw (patches, image folders, synthetic)."""
     patch_size: int = 8
     """Side of the square patches."""
     whiten: Whiten = "1/f"
-    """Whitening of the images before patches are cut (``1/f``, ``zca`` with ε = 0.1, or ``none``)."""
+    """Whitening of the images before patches are cut: ``1/f``, ``zca`` (ε = 0.1) or ``none``."""
 
     model: Literal["sae", "stacked"] = "sae"
     """``sae``: one hidden layer; ``stacked``: a deep autoencoder of ``--sizes``, mirrored."""
@@ -59,27 +72,35 @@ class TrainConfig:
     hidden: int = 25
     """Number of hidden units (d_sae)."""
     activation: Activation = "sigmoid"
-    """Hidden activation."""
+    """Hidden activation (``topk``, ``batchtopk`` and ``ksparse`` need ``--k``)."""
     k: int | None = None
-    """Active units for topk, batchtopk and ksparse."""
+    """Active units per sample for topk, batchtopk and ksparse."""
     decoder: Literal["sigmoid", "linear"] = "sigmoid"
     """Output units: ``sigmoid`` (inputs in [0, 1]) or ``linear``."""
     tied: bool = False
     """Tie the decoder to the encoder's transpose."""
     auxk: int | None = None
-    """AuxK loss on this many dead latents (Gao et al. 2024; for topk SAEs), or none."""
+    """AuxK loss on this many dead latents (Gao et al. 2024; topk and batchtopk SAEs only)."""
     decode: Literal["auto", "dense", "sparse"] = "auto"
     """TopK SAEs: ``sparse`` encodes and decodes with only the k active units per sample (same
     result, much faster when k ≪ hidden); ``auto`` picks it when it is faster."""
 
     penalty: str | None = "kl"
-    """Sparsity penalty on the hidden code: one of the registry names, or ``none``."""
+    """Sparsity penalty on the hidden code: ``kl`` or ``bernoulli_kl`` (KL of the mean
+    activation, for sigmoid units in [0, 1]), ``poisson_kl`` (generalised KL, for ReLU units),
+    ``frequency_kl`` (KL of how often a unit fires, see ``--threshold``), ``l1``, ``l2``,
+    ``hoyer``, or ``none``."""
     target: float = 0.01
-    """Target ρ of a KL penalty."""
+    """Target ρ of the KL penalties: the mean activation (``kl``, ``poisson_kl``) or the firing
+    frequency (``frequency_kl``)."""
     weight: float = 3.0
     """Coefficient β (or λ for L1/L2/Hoyer) of the penalty."""
-    weight_decay: float = 1e-4
-    """λ of the weight decay (λ/2)Σ‖W‖², weights only."""
+    bandwidth: float | None = None
+    """``--penalty frequency_kl`` only: width ε of the pseudo-gradient window around
+    ``--threshold``, in activation units. Only activations within ε/2 of the threshold are pushed,
+    so choose ε on the scale of the activations."""
+    threshold: float | None = None
+    """``--penalty frequency_kl`` only: θ, a unit fires when its activation is > θ."""
 
     optimizer: Optimizer = "lbfgs"
     """``lbfgs`` (full batch) or a minibatch optimiser."""
@@ -91,47 +112,53 @@ class TrainConfig:
     """Minibatch size."""
     lr: float = 1e-3
     """Learning rate of minibatch optimisers."""
+    weight_decay: float = 1e-4
+    """λ of the weight decay (λ/2)Σ‖W‖², weights only."""
     validation: float = 0.1
     """Fraction of samples held out for the validation loss (reported without the penalty)."""
-
-    seed: int = 0
-    """Random seed (data sampling, initialisation, shuffling)."""
-    out: str = "runs"
-    """Folder that receives the run folder."""
-    name: str | None = None
-    """Run name, one folder name: results go to ``out/name``. Default: ``classic``, or the next free
-    ``classic-2``, ``classic-3``... when ``out/classic`` holds another run. An explicit name that
-    holds a run is refused unless ``--resume`` or ``--overwrite``."""
-    plots: bool = True
-    """Write PNG figures."""
-    progress: bool = True
-    """Show a progress bar."""
-    tensorboard: str | None = None
-    """Also log to TensorBoard event files in this folder (``pip install 'actsparse[tensorboard]'``): each
-    logged step's loss terms and metrics, the histogram of ρ̂ per unit and the filter grid every
-    ``--checkpoint-every`` steps and at the end, the config and the final metrics. Default: off."""
-    threads: int | None = None
-    """CPU threads for torch's operations (default: torch's own choice, every core). On a busy
-    machine 1 can be much faster for small models: idle threads spin-wait for busy cores."""
-    device: str = "auto"
-    """Where to train: ``auto`` (CUDA if available, else CPU; under torchrun each process takes
-    the GPU of its ``LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``."""
-    checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps (0: only at the end)."""
-    overwrite: bool = False
-    """Replace the run in ``out/name``: every file of the old run is removed before the new run
-    starts (other files in the folder are left alone)."""
-    resume: bool = False
-    """Continue the run in ``out/name`` from its newest checkpoint that verifies (same seed: same
-    result). A damaged ``checkpoint.pt`` is reported and ``checkpoint.prev.pt`` is used."""
     on_nan: Literal["stop", "rollback"] = "stop"
     """When the loss or the weights become NaN/Inf: ``stop`` with a message naming the step and the
     loss terms (the last good checkpoint is kept), or ``rollback`` to the last good checkpoint with
     half the learning rate (L-BFGS: with its curvature pairs reset) and go on."""
     max_rollbacks: int = 3
     """With ``--on-nan rollback``: give up after this many rollbacks."""
+
+    seed: int = 0
+    """Random seed (data sampling, initialisation, shuffling)."""
+    out: str = "runs"
+    """Folder that receives the run folder."""
+    name: str | None = None
+    """Run name, one folder name: results go to ``out/name``. An explicit name that holds a run
+    is refused unless ``--resume`` or ``--overwrite``. Default: ``classic``, or the next free
+    ``classic-2``, ``classic-3``... when ``out/classic`` holds another run."""
     config: str | None = field(default=None)
-    """A TOML or YAML file of these fields; flags given on the command line win."""
+    """A TOML or YAML file of these settings (the flags' names with ``_``: ``batch_size = 64``);
+    flags given on the command line win."""
+    resume: bool = False
+    """Continue the run in ``out/name`` from its newest checkpoint that verifies (same seed: same
+    result). A damaged ``checkpoint.pt`` is reported and ``checkpoint.prev.pt`` is used."""
+    overwrite: bool = False
+    """Replace the run in ``out/name``: every file of the old run is removed before the new run
+    starts (other files in the folder are left alone)."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    plots: bool = True
+    """Write PNG figures (``--no-plots``: none)."""
+    device: str = "auto"
+    """Where to train: ``auto`` (CUDA if available, else CPU; under torchrun each process takes
+    the GPU of its ``LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``."""
+    threads: int | None = None
+    """CPU threads for torch's operations. Default: chosen per run and printed: ``OMP_NUM_THREADS``
+    if set, else 1 for a small model (extra threads spin-wait for cores that other processes
+    take, and a busy machine makes such a run many times slower), else one thread per share of
+    work, at most the idle cores."""
+
+    progress: bool = True
+    """Show a progress bar (``--no-progress``: none)."""
+    tensorboard: str | None = None
+    """Also log to TensorBoard event files in this folder (needs the ``tensorboard`` extra): each
+    logged step's loss terms and metrics, the histogram of ρ̂ per unit and the filter grid every
+    ``--checkpoint-every`` steps and at the end, the config and the final metrics. Default: off."""
 
     def __post_init__(self) -> None:
         choices, flags = _field_kinds()
@@ -202,6 +229,7 @@ class TrainConfig:
             if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         self._check_target()
+        self._check_frequency_settings()
         if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) \
                 or not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
@@ -232,6 +260,23 @@ class TrainConfig:
         if key == "PoissonKL" and not t > 0:
             raise ConfigError(f"--target of --penalty {self.penalty} is a mean activation ρ and must be > 0, got {t!r}")
 
+    def _check_frequency_settings(self) -> None:
+        """``bandwidth`` and ``threshold`` belong to the firing-frequency KL alone: for another
+        penalty they would be ignored silently, so they are refused."""
+        given = [n for n in ("bandwidth", "threshold") if getattr(self, n) is not None]
+        for name in given:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"--{name} must be a finite number, got {v!r}")
+            setattr(self, name, float(v))
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise ConfigError(f"--bandwidth is a window width and must be > 0, got {self.bandwidth!r}")
+        key = None if self.penalty is None else self.penalty.lower().replace("-", "_")
+        if given and key != "frequency_kl":
+            flags = " and ".join(f"--{n}" for n in given)
+            raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} only to --penalty frequency_kl "
+                              f"(the firing-frequency KL), not to --penalty {self.penalty or 'none'}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -248,6 +293,25 @@ def check_run_name(name: object) -> str:
     if name in (".", "..") or any(sep in name for sep in seps) or "\0" in name or Path(name).is_absolute():
         raise ConfigError(f"--name {name!r} must be one folder name inside --out (no '/', '..' or absolute path)")
     return name
+
+
+#: The groups of ``actsparse train --help``, in order; every field of :class:`TrainConfig` is in one.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data", "samples", "patch_size", "whiten"),
+    "model": ("model", "sizes", "pretrain", "hidden", "activation", "k", "decoder", "tied", "auxk", "decode"),
+    "penalty (sparsity)": ("penalty", "target", "weight", "bandwidth", "threshold"),
+    "optimisation": ("optimizer", "iterations", "epochs", "batch_size", "lr", "weight_decay", "validation",
+                     "on_nan", "max_rollbacks"),
+    "run and output": ("seed", "out", "name", "config", "resume", "overwrite", "checkpoint_every", "plots",
+                       "device", "threads"),
+    "logging": ("progress", "tensorboard"),
+}
+
+#: ``--help``'s "Default:" for fields whose default ``None`` stands for a value.
+NONE_MEANS: dict[str, str] = {
+    "bandwidth": f"{DEFAULT_BANDWIDTH:g} (FrequencyKL's own)",
+    "threshold": "0",
+}
 
 
 @functools.cache
@@ -283,7 +347,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 import yaml
             except ModuleNotFoundError as err:
-                raise ConfigError("reading YAML needs PyYAML: pip install 'actsparse[cli]'") from err
+                raise ConfigError(f"reading YAML needs PyYAML: {install_hint('cli')}") from err
             values = yaml.safe_load(text) or {}
         elif suffix == ".json":
             values = json.loads(text)
@@ -296,7 +360,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{p} must hold a table of settings, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    settings: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key  # batch-size, as the flag is spelled
+        if name not in known:
+            unknown.append(str(key))
+        elif name in settings:
+            raise ConfigError(f"{p}: {name} is set twice (as {name} and {name.replace('_', '-')})")
+        else:
+            settings[name] = value
     if unknown:
-        raise ConfigError(f"{p}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    return values
+        raise ConfigError(f"{p}: unknown setting(s) {', '.join(_with_hint(k, known) for k in sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(known))}")
+    return settings
+
+
+def _with_hint(key: str, known: set[str]) -> str:
+    """``key`` and, when a setting is close, the hint the command line gives: ``hiden (did you mean --hidden?)``."""
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), known, n=1, cutoff=0.6)
+    return f"{key} (did you mean --{close[0].replace('_', '-')}?)" if close else key

@@ -5,7 +5,7 @@ float64), returning its result in the caller's dtype. Shapes use fixed names: ``
 leading axis, ``units`` is the axis chosen by ``unit_dim`` (the last one by default; ``1`` for
 convolutional maps ``(batch, units, height, width)``), and ``...`` is any number of other axes.
 
-The formulas are those of GUIDE §3:
+The formulas, with their sources:
 
 ==================  ===============================================  =================================
 function            formula                                          source

@@ -1,4 +1,4 @@
-"""Sparse-autoencoder metrics (GUIDE §3). Inputs are tensors; outputs are tensors or floats.
+"""Sparse-autoencoder metrics. Inputs are tensors; outputs are tensors or floats.
 
 * FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² (fraction of variance unexplained).
 * L0 = mean number of non-zero units per sample.

@@ -36,7 +36,9 @@ def _plt():
     try:
         import matplotlib
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("figures need matplotlib: pip install 'actsparse[cli]'") from err
+        from .config import install_hint
+
+        raise ModuleNotFoundError(f"figures need matplotlib: {install_hint('cli')}") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

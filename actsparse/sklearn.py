@@ -27,8 +27,10 @@ try:  # the estimator API of scikit-learn >= 1.6 (validate_data, __sklearn_tags_
 except ImportError as err:  # pragma: no cover - depends on the installed version
     import sklearn
 
+    from .config import install_hint
+
     raise ImportError(f"actsparse.sklearn needs scikit-learn >= 1.6, found {sklearn.__version__}: "
-                      "pip install 'actsparse[sklearn]'") from err
+                      f"{install_hint('sklearn')}") from err
 
 from .config import ConfigError, TrainConfig
 from .metrics import fvu

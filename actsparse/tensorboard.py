@@ -1,6 +1,7 @@
 """TensorBoard logging of a training run (``actsparse train --tensorboard DIR``).
 
-Needs the ``tensorboard`` package (``pip install 'actsparse[tensorboard]'``), imported inside
+Needs the ``tensorboard`` package (from a clone: ``pip install -e '.[tensorboard]'``;
+released: ``pip install 'actsparse[tensorboard]'``), imported inside
 the functions that use it. What is written, by :class:`TensorBoardLogger`:
 
 * every logged record's loss terms and metrics as scalars ``train/loss``, ``train/reconstruction``,
@@ -50,8 +51,9 @@ def require_tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise MissingTensorBoard("--tensorboard needs the tensorboard package: "
-                                 "pip install 'actsparse[tensorboard]'") from err
+        from .config import install_hint
+
+        raise MissingTensorBoard(f"--tensorboard needs the tensorboard package: {install_hint('tensorboard')}") from err
     return SummaryWriter
 
 

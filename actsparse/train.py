@@ -53,8 +53,9 @@ _TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
 
 
 class _FiniteGuard:
-    """Finds the first step whose loss is not finite without a host sync per step (GUIDE §4: no
-    ``.item()`` on every step): each step's loss terms are kept as detached references (no kernel
+    """Finds the first step whose loss is not finite without a host sync per step (an
+    ``.item()`` per step would sync the device every step): each step's
+    loss terms are kept as detached references (no kernel
     runs), and the steps since the last check are tested together, with one sync, at logged and
     checkpoint steps."""
 

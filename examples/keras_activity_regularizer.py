@@ -1,6 +1,7 @@
 """Seed 002 in Keras 3: the sparse autoencoder's KL as an activity regularizer, with actsparse's math.
 
-    pip install 'actsparse[keras,cli]'           # keras, and scikit-learn for the digits
+    pip install -e '.[keras,cli]'      # from a clone, in its folder (released: pip install 'actsparse[keras,cli]')
+                                       # keras, and scikit-learn for the digits
     python examples/keras_activity_regularizer.py          # about 10 s on 2 cores (torch backend)
     KERAS_BACKEND=jax python examples/keras_activity_regularizer.py
 

@@ -1,6 +1,7 @@
 """A sparsity penalty on a LightningModule's hidden layer, added by a callback, with no change to the module.
 
-    pip install 'actsparse[lightning,cli]'       # lightning, and scikit-learn for the digits
+    pip install -e '.[lightning,cli]'  # from a clone, in its folder (released: pip install 'actsparse[lightning,cli]')
+                                       # lightning, and scikit-learn for the digits
     python examples/lightning_callback.py        # about 10 s on 2 cores
 
 The module is a plain 64→25→64 sigmoid autoencoder on scikit-learn's 8×8 digits: its

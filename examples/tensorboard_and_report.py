@@ -1,6 +1,7 @@
 """A run with TensorBoard logging, then its one-page HTML report.
 
-    pip install 'actsparse[cli,tensorboard]'
+    pip install -e '.[cli,tensorboard]'   # from a clone, in its folder
+                                          # (released: pip install 'actsparse[cli,tensorboard]')
     python examples/tensorboard_and_report.py [--out runs]
     tensorboard --logdir runs/tb_example/tb        # scalars, ρ̂ histograms, the filter grid, the config
 

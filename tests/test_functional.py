@@ -1,4 +1,4 @@
-"""actsparse.functional against NumPy formulas written here from GUIDE §3, gradcheck, properties."""
+"""actsparse.functional against NumPy formulas written here from their sources, gradcheck, properties."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import actsparse
 
 
 def mxnet_backward(data, grad_out, moving_avg, target, penalty, momentum):
-    """MXNet semantics (GUIDE §3): update m with the batch mean, then add the term, not / batch."""
+    """MXNet semantics (IdentityAttachKLSparseReg): update m with the batch mean, then add the term, not / batch."""
     flat = data.reshape(data.shape[0], -1)
     avg = flat.sum(axis=0) / flat.shape[0]
     moving_avg = momentum * moving_avg + (1 - momentum) * avg

@@ -287,7 +287,7 @@ def test_kl_sparse_reg_finite(data, dtype, domain, rho, penalty, momentum, eps):
        momentum=st.sampled_from([None, 0.0, 0.9]), batch=st.integers(1, 5), conv=st.booleans(),
        data=st.data())
 def test_dead_and_saturated_units_are_pushed_back_toward_the_target(dtype, rho, weight, momentum, batch, conv, data):
-    """GUIDE §3: at ρ̂ = 0 and ρ̂ = 1 the value is finite and the gradient of *every* element of
+    """At ρ̂ = 0 and ρ̂ = 1 the value is finite and the gradient of *every* element of
     the unit points back toward ρ (a zeroing ``torch.clamp`` would leave it at 0)."""
     shape, unit_dim = ((batch, 3, 2, 2), 1) if conv else ((batch, 3), -1)
     a = torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))

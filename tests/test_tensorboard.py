@@ -133,6 +133,7 @@ def test_missing_tensorboard_one_line_exit_2(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert rc == 2
     assert err.strip().splitlines() == [
-        "actsparse train: error: --tensorboard needs the tensorboard package: pip install 'actsparse[tensorboard]'"]
+        "actsparse train: error: --tensorboard needs the tensorboard package: from a clone, in its folder: "
+        "pip install -e '.[tensorboard]' (released: pip install 'actsparse[tensorboard]')"]
     assert "data:" not in out and not (tmp_path / "classic" / "metrics.jsonl").exists()  # before any work
     assert not (tmp_path / "tb").exists()

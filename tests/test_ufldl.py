@@ -1,4 +1,4 @@
-"""The UFLDL sparse autoencoder cost built with actsparse (GUIDE §3).
+"""The UFLDL sparse autoencoder cost built with actsparse (Ng, CS294A notes).
 
 Checked two independent ways in float64: against the backpropagation formulas of the CS294A notes
 written in NumPy (sec. 2.2 and 3), and against central differences (ε = 1e-4), where the relative

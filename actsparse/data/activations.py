@@ -17,7 +17,8 @@ Why it is built this way:
 
 Nothing here downloads anything: :func:`tiny_gpt2` builds a small randomly initialised GPT-2 from
 a config, and :func:`load_hf_model` honours ``HF_HUB_OFFLINE=1`` with ``local_files_only``.
-transformers is an optional extra (``pip install 'actsparse[hf]'``), imported inside the
+transformers is an optional extra (from a clone: ``pip install -e '.[hf]'``;
+released: ``pip install 'actsparse[hf]'``), imported inside the
 functions that need it.
 """
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attach import find_targets, first_tensor
+from ..config import install_hint
 from ._limits import MissingDependency, one_line
 from .shards import INDEX_NAME, ShardStore, ShardWriter, check_store_dir
 
@@ -51,7 +53,7 @@ Positions = Union[str, int, slice]
 Inputs = Union[Tensor, Mapping[str, Any], Iterable[Union[Tensor, Mapping[str, Any]]]]
 
 _POSITION_NAMES = ("all", "last", "drop_first")
-HF_EXTRA = "pip install 'actsparse[hf]'"
+HF_EXTRA = install_hint("hf")
 
 
 class _Stop(Exception):

@@ -4,7 +4,7 @@
 >>> from actsparse.integrations.keras import BernoulliKL
 >>> layer = keras.layers.Dense(250, activation="sigmoid", activity_regularizer=BernoulliKL(0.05, weight=3))
 
-The formulas are those of :mod:`actsparse.functional` (GUIDE §3), and the tests check value and
+The formulas are those of :mod:`actsparse.functional`, and the tests check value and
 gradient against it to 1e-6:
 
 ===============  ===================================================  ================================
@@ -54,7 +54,9 @@ try:
     import keras
     from keras import ops
 except ImportError as err:
-    raise ModuleNotFoundError("actsparse.integrations.keras needs Keras 3: pip install 'actsparse[keras]'") from err
+    from ..config import install_hint
+
+    raise ModuleNotFoundError(f"actsparse.integrations.keras needs Keras 3: {install_hint('keras')}") from err
 
 from .. import functional as F
 from ..functional import _check_rate, check_finite_result

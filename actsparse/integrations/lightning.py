@@ -33,7 +33,8 @@ only on the steps that Lightning writes to its loggers (``log_every_n_steps``), 
 host sync.
 
 Works with ``lightning`` (``lightning.pytorch``), and with the older ``pytorch_lightning``
-package when ``lightning`` is not installed. Install with ``pip install 'actsparse[lightning]'``.
+package when ``lightning`` is not installed. Install with ``pip install -e '.[lightning]'``
+from a clone (released: ``pip install 'actsparse[lightning]'``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ except ImportError:  # the standalone package of Lightning < 2
     try:
         import pytorch_lightning as pl
     except ImportError as err:
+        from ..config import install_hint
+
         raise ModuleNotFoundError(
-            "actsparse.integrations.lightning needs Lightning: pip install 'actsparse[lightning]'"
-        ) from err
+            f"actsparse.integrations.lightning needs Lightning: {install_hint('lightning')}") from err
 
 __all__ = ["SparsityCallback"]
 
