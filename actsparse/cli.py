@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from . import interrupt as _interrupt  # the standard library only: no torch at start
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2
@@ -509,15 +511,17 @@ def _usage() -> str:
             "Run 'actsparse COMMAND --help' for the flags of a command.")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP outside a run's loop (where the trainer takes them over to checkpoint)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+_Terminated = _interrupt.Stopped
 
 
 def _raise_terminated(signum, frame) -> None:
+    """SIGINT, SIGTERM, SIGHUP outside a run's loop: stop with one line. Inside an import the
+    signal is only noted (see actsparse.interrupt.in_import) and acted on at the next safe point:
+    the data loaded, the training loop, or the command's end."""
+    _interrupt.note_pending(signum)
+    if _interrupt.in_import(frame):
+        return
+    _interrupt.take_pending()
     raise _Terminated(signum)
 
 
@@ -534,8 +538,10 @@ def _install_stop_handlers() -> dict:
     saved: dict = {}
     if threading.current_thread() is not threading.main_thread():
         return saved
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        # Ctrl-C too: Python's own handler raises a plain KeyboardInterrupt, which a library that
+        # swallows exceptions around an import would lose; ours also notes the signal
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             saved[sig] = signal.signal(sig, _raise_terminated)
     return saved
 
@@ -543,6 +549,8 @@ def _install_stop_handlers() -> dict:
 def _interrupted(name: str, err: KeyboardInterrupt) -> int:
     """The one line and the exit status of a command stopped by a signal."""
     from .interrupt import RunInterrupted, signal_name
+
+    _interrupt.take_pending()  # handled here: nothing left for later
 
     if isinstance(err, RunInterrupted):
         hint = ""
@@ -562,7 +570,12 @@ def main(argv: list[str] | None = None) -> int:
 
     saved = _install_stop_handlers()
     try:
-        return _main(argv)
+        code = _main(argv)
+        late = _interrupt.take_pending()
+        if late is not None and code == 0:  # a signal that a library swallowed: still one line and 128 + signal
+            args = sys.argv[1:] if argv is None else argv
+            return _interrupted(args[0] if args else "", _Terminated(late))
+        return code
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -605,6 +618,9 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit:
         raise
     except (ValueError, KeyError, TypeError, OSError, _MissingExtra, RuntimeError) as err:
+        late = _interrupt.take_pending()
+        if late is not None:  # the error followed a signal that interrupted an import: report the signal
+            return _interrupted(name, _Terminated(late))
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"actsparse {name}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

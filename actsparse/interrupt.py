@@ -15,7 +15,51 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["RunInterrupted", "StopSignals", "SIGNALS", "signal_name"]
+__all__ = ["RunInterrupted", "Stopped", "StopSignals", "SIGNALS", "signal_name", "note_pending", "take_pending",
+           "raise_if_pending", "in_import"]
+
+# Signals that arrived outside a run's loop. The command line's handler raises an exception for
+# them, but a library being imported at that moment may swallow it (a bare ``except:`` around an
+# optional import): the signal is kept here too, so the next run loop, or the command's end,
+# still acts on it. Process-wide by nature, as signal handlers are.
+_pending: list[int] = []
+
+
+def note_pending(signum: int) -> None:
+    _pending.append(int(signum))
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM, SIGHUP) that stops a command outside a run's loop; ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+def raise_if_pending() -> None:
+    """Raise :class:`Stopped` for a signal noted while it could not be raised (during an import),
+    at a point where stopping is safe (e.g. after the data are loaded, before training)."""
+    signum = take_pending()
+    if signum is not None:
+        raise Stopped(signum)
+
+
+def in_import(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (a signal handler's) is inside an import: an exception raised there can
+    leave a half-initialised extension module behind (torch, numpy), so the signal waits."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def take_pending() -> int | None:
+    """The first signal noted since the last call (and forget them all), or None."""
+    first = _pending[0] if _pending else None
+    _pending.clear()
+    return first
 
 #: The signals a run stops on cleanly (SIGHUP where the platform has it).
 SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
@@ -63,6 +107,9 @@ class StopSignals:
         self.signum = signum
 
     def __enter__(self) -> StopSignals:
+        pending = take_pending()
+        if pending is not None:  # arrived before the loop and was swallowed: stop after the first step
+            self.signum = pending
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 current = signal.getsignal(sig)

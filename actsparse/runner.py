@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
+from .interrupt import raise_if_pending
 from .run_files import claim_run_dir, holds_run
 from .train import TrainResult, planned_steps, train
 
@@ -358,6 +359,7 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     data = load_data(cfg)
+    raise_if_pending()  # a signal that came during the imports of the data layer stops here
     source = data.stream if data.stream is not None else data.x
     rows, d_in = (data.stream.n_rows, data.stream.d) if data.stream else tuple(data.x.shape)
     echo(f"data: {data.description} -> {(rows, d_in)}" + (f", {world_size} processes" if world_size > 1 else ""))

@@ -244,7 +244,7 @@ class _Run:
 
     def _check_decoder_range(self) -> None:
         """A sigmoid decoder outputs values in (0, 1): on data outside [0, 1] it cannot reconstruct
-        (e.g. ZCA-whitened patches, in about [-2, 2]), and the run would end at FVU ≈ 1."""
+        (e.g. ZCA-whitened patches, in about [-1.3, 1.3]), and the run would end at FVU ≈ 1."""
         if self.cfg.decoder != "sigmoid":
             return
         x = self.x_train.sample(4096, seed=self.cfg.seed) if self.streaming else self.x_train

@@ -432,3 +432,26 @@ def test_a_signal_inside_train_checkpoints_and_resumes_bit_identically(tmp_path,
     resumed = train(TrainConfig(resume=True, **kw), x, run_dir=run)
     a, b = _state(full.model), _state(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_swallowed_by_a_library_is_still_acted_on(tmp_path, capsys):
+    """A SIGTERM that arrived during an import whose library swallowed the exception (a bare
+    ``except:``; seen under load: the command then ran to the end with exit 0). The signal is
+    kept: the next run loop stops after its first step with a checkpoint, and a command that ends
+    anyway exits 143 with the one line."""
+    import signal
+
+    from actsparse import checkpoint as ck
+    from actsparse.cli import main
+    from actsparse.interrupt import RunInterrupted, note_pending
+
+    note_pending(signal.SIGTERM)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(RunInterrupted) as stopped:
+        train(TrainConfig(iterations=20, **LBFGS_CFG), _data(), run_dir=run)
+    assert stopped.value.step == 1 and ck.load_latest(run)[0]["step"] == 1
+    note_pending(signal.SIGTERM)
+    assert main(["--version"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().endswith("stopped by SIGTERM; the last checkpoint written (if any) is kept")
+    assert main(["--version"]) == 0  # handled once, then forgotten

@@ -41,6 +41,7 @@ from .synthetic import SyntheticDictionary, make_synthetic
 __all__ = [
     "Dataset", "load_data", "load_array", "load_torchvision", "read_idx", "load_idx", "folder_patches",
     "make_synthetic", "SyntheticDictionary", "MissingDependency", "MAX_BYTES_ENV", "torchvision_install_hint",
+    "digits_array",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -252,6 +253,33 @@ def load_torchvision(spec: str) -> tuple[np.ndarray, tuple[int, int] | None]:
     return (x.astype(np.float32) / np.float32(255.0) if arr.dtype == np.uint8 else x.astype(np.float32)), image_shape
 
 
+def digits_array(shift: int = 0) -> np.ndarray:
+    """scikit-learn's 1,797 8×8 digits ``(samples, 64)`` float64, scaled from 0..16 to [0, 1].
+
+    With ``shift`` = s > 0, each digit also appears moved by every (dy, dx) with |dy|, |dx| ≤ s
+    pixels (the pixels moved in are 0): ``(2s + 1)² × 1,797`` samples, the unmoved ones first.
+    The digits are small and few: 100 units with the classic settings (ρ = 0.01, λ = 1e-4) fit
+    single digits and their pixel noise; moved copies make each unit see a stroke in several places.
+    """
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < 8:
+        raise ValueError(f"shift must be an int in 0..7 (pixels), got {shift!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as err:
+        raise MissingDependency("the digits data set needs scikit-learn: pip install 'actsparse[cli]'",
+                                name="sklearn") from err
+    x = load_digits().data / 16.0
+    if shift == 0:
+        return x
+    img = x.reshape(-1, 8, 8)
+    moves = [(0, 0)] + [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1) if dy or dx]
+    out = np.zeros((len(moves),) + img.shape)
+    for k, (dy, dx) in enumerate(moves):  # (2s+1)² slices, not a loop over digits
+        out[k, :, max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = \
+            img[:, max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)]
+    return out.reshape(-1, 64)
+
+
 def load_data(cfg) -> Dataset:
     """The :class:`Dataset` a :class:`~actsparse.config.TrainConfig` names (see module docstring)."""
     kind = cfg.data
@@ -262,12 +290,7 @@ def load_data(cfg) -> Dataset:
         desc = f"{cfg.samples} {cfg.patch_size}x{cfg.patch_size} natural-image patches (whiten={cfg.whiten})"
         ds = Dataset(torch.tensor(x, dtype=torch.float32), desc, (cfg.patch_size, cfg.patch_size))
     elif kind == "digits":
-        try:
-            from sklearn.datasets import load_digits
-        except ModuleNotFoundError as err:
-            raise MissingDependency("the digits data set needs scikit-learn: pip install 'actsparse[cli]'",
-                                    name="sklearn") from err
-        x = load_digits().data / 16.0
+        x = digits_array()
         ds = Dataset(torch.tensor(x, dtype=torch.float32), "scikit-learn digits (8x8, scaled to [0, 1])", (8, 8))
     elif kind == "synthetic":
         syn = make_synthetic(cfg.samples, seed=cfg.seed)

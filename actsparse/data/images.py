@@ -3,9 +3,10 @@
 Every file directly inside the folder is read as a grey image in [0, 1] (colour through the luma
 weights 0.299, 0.587, 0.114, as :func:`~actsparse.data.patches.grey_sample_images`; an alpha
 channel is ignored). The images may differ in size. Patches are then cut and normalised exactly as
-for the embedded photographs (:mod:`actsparse.data.patches`): optional 1/f whitening of each
-image, random ``size``×``size`` patches drawn evenly over the images, and UFLDL's normalisation to
-[0.1, 0.9] (or ZCA on the patches). The images are not downsampled.
+for the embedded photographs (:func:`actsparse.data.patches.image_patches`): optional 1/f whitening
+of each image, random ``size``×``size`` patches drawn evenly over the images of which the half of
+highest contrast is kept, a random symmetry of the square for each, and UFLDL's normalisation to
+[0.1, 0.9] (or ZCA on the normalised patches). The images are not downsampled.
 
 Files whose names start with a dot (``.DS_Store``) are skipped. Any other file that is not an
 image, a sub-folder, or an image smaller than a patch is an error that names it: a silently
