@@ -266,7 +266,9 @@ def digits_array(shift: int = 0) -> np.ndarray:
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as err:
-        raise MissingDependency("the digits data set needs scikit-learn: pip install 'actsparse[cli]'",
+        from ..config import install_hint
+
+        raise MissingDependency(f"the digits data set needs scikit-learn: {install_hint('cli')}",
                                 name="sklearn") from err
     x = load_digits().data / 16.0
     if shift == 0:

@@ -63,8 +63,10 @@ def _grey_sample_images() -> tuple[np.ndarray, ...]:
     try:
         from sklearn.datasets import load_sample_images
     except ModuleNotFoundError as err:
+        from ..config import install_hint
+
         raise MissingDependency(
-            "the embedded image patches need scikit-learn: pip install 'actsparse[cli]' (or scikit-learn)",
+            f"the embedded image patches need scikit-learn: {install_hint('cli')} (or pip install scikit-learn)",
             name="sklearn",
         ) from err
     rgb = load_sample_images().images
