@@ -149,9 +149,9 @@ class TrainConfig:
     the GPU of its ``LOCAL_RANK``), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int | None = None
     """CPU threads for torch's operations. Default: chosen per run and printed: ``OMP_NUM_THREADS``
-    if set, else 1 for a small model (extra threads spin-wait for cores that other processes
-    take, and a busy machine makes such a run many times slower), else one thread per share of
-    work, at most the idle cores."""
+    if set, else never more than the cores other processes leave free (extra threads spin-wait
+    for cores that other processes take, and a busy machine makes a run many times slower): all
+    of them for a small model, one per share of work for a larger one."""
 
     progress: bool = True
     """Show a progress bar (``--no-progress``: none)."""
