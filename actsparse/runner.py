@@ -368,6 +368,9 @@ def _run_in(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], None]) -> Tra
         return _train_and_report(cfg, run_dir, echo, data, source, t0)
     threads, why = _choose_threads(cfg, rows, d_in)
     echo(f"threads: {threads} ({why}; --threads N to set)")
+    # recorded in config.json and the checkpoint, so that --resume uses the same count: another
+    # count sums in another order, and the resumed run would not be bit-identical
+    cfg.threads = threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

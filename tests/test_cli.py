@@ -180,8 +180,13 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, extra):
         if rec["step"] > 14:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, load_data(cfg).x, run_dir=tmp_path / "cut", on_step=interrupt)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cli_cfg["threads"])  # the count the command chose and recorded: the same sums
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, load_data(cfg).x, run_dir=tmp_path / "cut", on_step=interrupt)
+    finally:
+        torch.set_num_threads(before)
     assert main([*base, "--out", str(tmp_path), "--name", "cut", "--resume"]) == 0
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model.safetensors"))
