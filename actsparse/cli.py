@@ -147,6 +147,7 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
     import dataclasses
     import shutil
     import textwrap
+    import types
     import typing
 
     width = max(40, min(shutil.get_terminal_size().columns, 100) - 2)
@@ -176,8 +177,7 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
             flag = "--" + name.replace("_", "-")
             kind = hints[name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
-            if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
-                    and len(args) == 1:
+            if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
                 kind = args[0]  # X | None: the flag takes an X
             doc = _plain(docs.get(name, ""))
             value = getattr(default, name)

@@ -220,12 +220,11 @@ def _table(head: list[str], rows: list[str], numeric: tuple[int, ...] = ()) -> s
 
 
 def _steps_from_log(run_dir: Path) -> int | None:
-    log = run_dir / "metrics.jsonl"
-    if not log.is_file():
-        return None
-    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    from .run_files import read_log  # the one reader of metrics.jsonl (it skips a line a kill cut short)
+
+    records = read_log(run_dir / "metrics.jsonl")
     try:
-        return int(json.loads(lines[-1])["step"]) if lines else None
+        return int(records[-1]["step"]) if records else None
     except (ValueError, KeyError, TypeError):
         return None
 

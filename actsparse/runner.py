@@ -182,8 +182,6 @@ def _choose_threads(cfg: TrainConfig, n_samples: int, d_in: int, *, cores: int |
     # an idle 2-core machine), a large one one core per WORK_PER_THREAD of work; never a busy core
     by_work = cores if work < 2 * WORK_PER_THREAD else max(1, int(work // WORK_PER_THREAD))
     n = min(cores, by_work, free)
-    if n == 1 and free == 1 and cores > 1:
-        return 1, f"chosen: {busy:.0f} of {cores} cores busy"
     if n == free and free < cores:
         return n, f"chosen: {busy:.0f} of {cores} cores busy"
     return n, ("chosen: every core is free" if n == cores else f"chosen: model size, {cores} cores")
@@ -326,12 +324,12 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
 
     rank, world_size = world()
     asked = cfg.name
+    names = [choose_run_name(cfg) if rank == 0 else None]
     if world_size > 1:  # rank 0 picks the name; the others must not pick the next one it just took
-        names = [choose_run_name(cfg) if rank == 0 else None]
         torch.distributed.broadcast_object_list(names, src=0)
-        cfg.name = names[0]
+    cfg.name = names[0]
     out = Path(cfg.out)
-    created = [f for f in (out / choose_run_name(cfg), out) if not f.is_dir()]
+    created = [f for f in (out / cfg.name, out) if not f.is_dir()]
     if rank != 0 and not cfg.overwrite:  # every rank refuses: none waits for a failed one
         claim_run_dir(out / cfg.name, resume=cfg.resume, overwrite=False)
     run_dir = prepare_run_dir(cfg) if rank == 0 else out / cfg.name
