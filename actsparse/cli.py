@@ -160,6 +160,7 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
         groups["other"] = tuple(left)
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
+    field_defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
     def fill(text: str) -> str:  # wrap the paragraphs; one with indented lines (examples) stays as written
         return "\n\n".join(par if "\n " in par else textwrap.fill(par, width) for par in text.split("\n\n"))
@@ -181,6 +182,8 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
                 kind = args[0]  # X | None: the flag takes an X
             doc = _plain(docs.get(name, ""))
             value = getattr(default, name)
+            if "Default:" in doc and value is not None and value != field_defaults.get(name, value):
+                doc = doc[:doc.index("Default:")].rstrip()  # a config file's value replaces the rule
             if "Default:" not in doc:
                 shown = none_means.get(name, "none") if value is None else _show_default(value)
                 doc = f"{doc} Default: {shown}.".strip()
@@ -252,6 +255,20 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+def _train_defaults(values: dict):
+    """``TrainConfig(**values)`` (checked) as the defaults under the flags, with the fields whose
+    default depends on other settings (``TrainConfig.RECIPE_FIELDS``: weight decay, target) left
+    None unless ``values`` gives them, so that ``--data digits`` on the command line still gets
+    its own recipe's values."""
+    from .config import TrainConfig
+
+    cfg = TrainConfig(**values)
+    for name in TrainConfig.RECIPE_FIELDS:
+        if values.get(name) is None:
+            setattr(cfg, name, None)
+    return cfg
+
+
 def cmd_train(argv: list[str]) -> int:
     """``actsparse train [flags]``: train and write ``runs/<name>/``.
 
@@ -264,11 +281,11 @@ def cmd_train(argv: list[str]) -> int:
     path, rest = _split_config_flag(argv)
     from_file = load_config_file(path) if path else {}
     if _wants_help(rest):  # the defaults shown are those of the file, if one is given
-        print(train_help(TrainConfig(**from_file)), end="")
+        print(train_help(_train_defaults(from_file)), end="")
         return 0
     tyro = _need("tyro")
     desc = "Train a sparse autoencoder. Defaults: the classic CS294A exercise."
-    cfg = _parse(tyro, TrainConfig, default=TrainConfig(**from_file), args=rest, prog="actsparse train",
+    cfg = _parse(tyro, TrainConfig, default=_train_defaults(from_file), args=rest, prog="actsparse train",
                  description=desc)
     if cfg.resume:  # the run's own settings are the defaults; the file and the flags given now come on top
         from pathlib import Path

@@ -68,9 +68,11 @@ def after_patches(whiten: str, seed: int, *, k: int = P.DOWNSAMPLE, **kw: Any) -
     return P.image_patches([P.downsample(im, k) for im in P.grey_sample_images()], N, SIZE, whiten, seed, **kw)
 
 
-LINEAR = {"whiten": "zca", "decoder": "linear"}
+# Every case sets λ and ρ itself: the CLI's defaults for zca + linear and for digits are the
+# UFLDL values (TrainConfig._resolve_recipe_defaults), so the classic values must be asked for.
+LINEAR = {"whiten": "zca", "decoder": "linear", "weight_decay": 1e-4}
 UFLDL_LINEAR = {**LINEAR, "weight_decay": 3e-3}
-DIGITS = {"data": "digits", "hidden": 100}
+DIGITS = {"data": "digits", "hidden": 100, "target": 0.01, "weight_decay": 1e-4}
 UFLDL_MNIST = {**DIGITS, "target": 0.1, "weight_decay": 3e-3}
 
 #: name -> (data(seed), TrainConfig fields)

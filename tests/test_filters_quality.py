@@ -120,3 +120,23 @@ def test_classic_run_learns_localised_edges():
     res = train(cfg, load_data(cfg).x)
     s = filter_summary(res.model.W_enc)
     assert s["localisation_median"] > 0.50 and s["localised"] >= 13, s
+
+
+def _digit_filters(**fields):
+    from actsparse.config import TrainConfig
+    from actsparse.data import load_data
+    from actsparse.train import train
+
+    cfg = TrainConfig(data="digits", hidden=100, plots=False, progress=False, checkpoint_every=0, threads=1,
+                      **fields)
+    return cfg, filter_summary(train(cfg, load_data(cfg).x).model.W_enc, (8, 8))
+
+
+def test_digits_defaults_learn_strokes_not_pixel_noise():
+    """``--data digits`` defaults to UFLDL's MNIST values (ρ = 0.1, λ = 3e-3): its filters are
+    smoother (strokes) than with the classic values, whose 100 filters are pixel noise
+    (smoothness medians measured 0.44 and 0.25 over seeds 0–2)."""
+    cfg, default = _digit_filters()
+    assert (cfg.target, cfg.weight_decay) == (0.1, 3e-3)
+    _, classic = _digit_filters(target=0.01, weight_decay=1e-4)
+    assert default["smoothness_median"] > 0.38 > 0.32 > classic["smoothness_median"], (default, classic)

@@ -325,3 +325,49 @@ def test_missing_cli_dependency_hint_has_the_clone_form():
 
     with pytest.raises(_MissingExtra, match=re.escape("pip install -e '.[cli]'")):
         _need("actsparse_no_such_module_for_the_test")
+
+
+# --------------------------------------------------------------------------------- recipe defaults
+
+
+@pytest.mark.parametrize("fields, wd, target", [
+    ({}, 1e-4, 0.01),                                                  # CS294A
+    ({"whiten": "none"}, 1e-4, 0.01),
+    ({"whiten": "zca", "decoder": "linear"}, 3e-3, 0.01),              # UFLDL linear decoder
+    ({"data": "digits"}, 3e-3, 0.1),                                   # UFLDL MNIST
+    ({"data": "digits", "target": 0.05}, 3e-3, 0.05),                  # a given value wins
+    ({"data": "digits", "weight_decay": 0.0}, 0.0, 0.1),               # 0 is a value, not "unset"
+    ({"whiten": "zca", "decoder": "linear", "weight_decay": 1e-4}, 1e-4, 0.01),
+    ({"data": "synthetic", "decoder": "linear"}, 1e-4, 0.01),
+])
+def test_recipe_defaults(fields, wd, target):
+    cfg = TrainConfig(**fields)
+    assert (cfg.weight_decay, cfg.target) == (wd, target)
+
+
+def test_recipe_defaults_recorded_and_resumed(tmp_path, capsys):
+    """config.json holds the number used, and a resume (without the flags) keeps it."""
+    import json
+
+    common = ["--out", str(tmp_path), "--name", "d", "--no-progress", "--no-plots", "--threads", "1"]
+    assert main(["train", "--data", "digits", "--hidden", "16", "--iterations", "6", *common]) == 0
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (saved["weight_decay"], saved["target"]) == (3e-3, 0.1)
+    assert main(["train", "--resume", "--iterations", "9", *common]) == 0
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (saved["weight_decay"], saved["target"], saved["iterations"]) == (3e-3, 0.1, 9)
+    # "None" on the command line unsets a config file's value: the recipe default comes back
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('data = "digits"\nweight_decay = 0.5\n')
+    common[3] = "e"
+    assert main(["train", "--config", str(cfg_file), "--weight-decay", "None", "--hidden", "16",
+                 "--iterations", "2", *common]) == 0
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["weight_decay"] == 3e-3
+
+
+def test_help_shows_a_config_files_value_for_a_recipe_field(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("weight_decay = 0.5\n")
+    out = run_cli("train", "--config", str(cfg_file), "--help").stdout
+    entry = help_entries(out)["--weight-decay"]
+    assert "Default: 0.5." in entry and "3e-3" not in entry, entry
