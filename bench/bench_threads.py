@@ -1,9 +1,9 @@
 """Intra-op threads of a training run: one thread, every core, and the default rule, idle and loaded.
 
 ``actsparse train`` picks the thread count when ``--threads`` is not given
-(:func:`actsparse.runner.default_threads`): one thread for a small model, otherwise one per
-:data:`~actsparse.runner.WORK_PER_THREAD` of work per step, at most the cores that other processes
-leave free. This measures whether that rule is right, on two runs:
+(:func:`actsparse.runner.default_threads`): never more than the cores that other processes
+leave free; all of them for a small model, otherwise one per
+:data:`~actsparse.runner.WORK_PER_THREAD` of work per step. This measures whether that rule is right, on two runs:
 
 - ``classic``: the CS294A exercise, 64 → 25 → 64 sigmoid autoencoder + Bernoulli KL, full-batch
   L-BFGS on 10,000 8×8 patches, 400 iterations (``actsparse train`` with its defaults);
