@@ -58,9 +58,10 @@ def _finite(v) -> bool:
 def loss_figure(history: list[dict], final: dict | None = None):
     """Total loss and each of its logged terms per logged step (log scale): the reconstruction,
     the sparsity penalty and the weight decay of the minibatch (or full batch) of that step; a
-    term that is 0 at every step is named in the title instead of drawn. The log holds no
-    validation loss: where ``final`` (``metrics.json``) has ``val_reconstruction`` it is one marker at
-    the last step, beside ``reconstruction`` over the whole training split, both in eval mode."""
+    term that is 0 at every step is named in the title instead of drawn. The validation curve is
+    the log's ``val_reconstruction`` (eval mode, no penalty, about 20 points a run); where
+    ``final`` (``metrics.json``) has ``reconstruction`` and ``val_reconstruction`` they are markers
+    at the last step (the whole training split and the validation split, eval mode)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     steps = [h["step"] for h in history]
@@ -78,6 +79,10 @@ def loss_figure(history: list[dict], final: dict | None = None):
     scale = max((abs(h["loss"]) for h in history if _finite(h.get("loss"))), default=0.0)
     if any(r > 1e-6 * scale for r in rest if math.isfinite(r)):
         ax.plot(steps, [r if r > 0 else float("nan") for r in rest], label="rest (AuxK)", color="tab:gray", lw=1.0)
+    val = [(h["step"], h["val_reconstruction"]) for h in history
+           if _finite(h.get("val_reconstruction")) and h["val_reconstruction"] > 0]
+    if val:
+        ax.plot(*zip(*val), ".-", color="tab:red", lw=1.2, ms=4, label="reconstruction, validation split (eval)")
     final = final or {}
     if steps and _finite(final.get("reconstruction")) and final["reconstruction"] > 0:
         ax.plot([steps[-1]], [final["reconstruction"]], "o", color="tab:orange", mec="black", ms=7,

@@ -43,8 +43,9 @@ SIGMOID_ON = 0.5
 CAPTIONS = {
     "loss.png": "Training loss per logged step (log scale), each term on that step's batch: total = reconstruction "
                 "+ sparsity penalty + weight decay (+ AuxK, drawn as the rest); a term that is 0 throughout is "
-                "named, not drawn. The log has no validation loss: metrics.json's val_reconstruction (end of run) is "
-                "one marker at the last step, beside the reconstruction over the training split.",
+                "named, not drawn. The red curve is the reconstruction loss on the held-out validation split (eval "
+                "mode, no penalty), about 20 points a run; the markers at the last step are metrics.json's "
+                "reconstruction on the training split and val_reconstruction.",
     "filters.png": "Learned features: each encoder row as an image tile, each tile scaled to its own max |w| "
                    "(grey = 0), so the contrast of two tiles cannot be compared.",
     "reconstructions.png": "Inputs and the model's reconstructions of them, on one grey scale: the data ordered by "

@@ -319,9 +319,20 @@ class _Run:
         rec = {"step": step, **means, "fvu": M.fvu_ratio(sse, total),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - self.start}
+        if self.n_val and self.rank == 0 and self._validation_due(step):
+            # the validation curve of loss.png: eval mode, no penalty, about 20 points a run
+            rec["val_reconstruction"] = evaluate(self.model, self.x_val)["reconstruction"]
+            rec["seconds"] = time.perf_counter() - self.start
         self.log.append(rec)
         if self.on_step is not None:
             self.on_step(rec)
+
+    def _validation_due(self, step: int) -> bool:
+        """Whether the record of ``step`` gets ``val_reconstruction``: about 20 times a run, on
+        logged steps (every step of L-BFGS, every 10th minibatch step), and at the last step."""
+        logged_every = 1 if self.cfg.optimizer == "lbfgs" else 10
+        every = max(1, math.ceil(self.total / 20 / logged_every)) * logged_every
+        return step % every == 0 or step == self.total
 
     def _sse_and_total(self, out, xb: Tensor) -> tuple[float, float]:
         if self.recon_kind is None:  # a model of the caller's with another loss: the direct formula

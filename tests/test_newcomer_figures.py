@@ -88,9 +88,10 @@ def runs(tmp_path_factory):
             for name, flags in (("sigmoid", TINY_SIGMOID), ("topk", TINY_TOPK), ("digits", TINY_DIGITS))}
 
 
-def _training_split_by_hand(run: Path) -> torch.Tensor:
-    """The rows train() trained on, rebuilt from config.json alone: train draws one randperm from a
-    generator seeded with --seed and holds out the first round(validation * n)."""
+def _training_split_by_hand(run: Path, held_out: bool = False) -> torch.Tensor:
+    """The rows train() trained on (or, ``held_out``, the validation rows), rebuilt from config.json
+    alone: train draws one randperm from a generator seeded with --seed and holds out the first
+    round(validation * n)."""
     from actsparse.config import TrainConfig
     from actsparse.data import load_data
 
@@ -98,7 +99,8 @@ def _training_split_by_hand(run: Path) -> torch.Tensor:
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k != "d_in"})
     x = load_data(cfg).x
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(saved["seed"]))
-    return x[perm[int(round(saved["validation"] * x.shape[0])):]]
+    n_val = int(round(saved["validation"] * x.shape[0]))
+    return x[perm[:n_val]] if held_out else x[perm[n_val:]]
 
 
 def _rho_by_hand(run: Path) -> torch.Tensor:
@@ -174,8 +176,24 @@ def test_loss_plot_has_every_term_and_the_validation_loss(runs):
     line = next(ln for ln in ax.get_lines() if ln.get_label().endswith("validation split (end)"))
     log = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s.strip()]
     assert list(line.get_xdata()) == [log[-1]["step"]] and list(line.get_ydata()) == [metrics["val_reconstruction"]]
+    # the validation curve: the log's val_reconstruction, about 20 points, the last one at the last
+    # step and equal to a plain forward of the saved model over the held-out rows (rebuilt by hand)
+    curve = next(ln for ln in ax.get_lines() if ln.get_label() == "reconstruction, validation split (eval)")
+    val_steps = [r["step"] for r in log if "val_reconstruction" in r]
+    assert list(curve.get_xdata()) == val_steps and min(len(log), 15) <= len(val_steps) <= 25
+    assert val_steps[-1] == log[-1]["step"]
+    from actsparse.train import load_checkpoint
+
+    model, _ = load_checkpoint(run)
+    saved = json.loads((run / "config.json").read_text())
+    all_rows = _training_split_by_hand(run, held_out=True)
+    with torch.no_grad():
+        x_hat = model.eval()(all_rows).reconstruction.double()
+    by_hand = 0.5 * (x_hat - all_rows.double()).square().sum(1).mean()  # half SSE per sample (sigmoid runs)
+    assert saved["activation"] == "sigmoid"
+    assert math.isclose(float(curve.get_ydata()[-1]), float(by_hand), rel_tol=1e-5)
     # total = reconstruction + penalty + weight decay: the drawn terms add up to the drawn total
-    y = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+    y = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines() if ln.get_label() != curve.get_label()}
     for i in range(len(log)):
         parts = sum(float(y[k][i]) for k in ("reconstruction", "sparsity penalty", "weight decay"))
         assert math.isclose(parts, float(y["total"][i]), rel_tol=1e-5), i
