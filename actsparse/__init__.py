@@ -27,11 +27,13 @@ _EXPORTS = {
     "FrequencyKL": "penalties", "Hoyer": "penalties", "Penalty": "penalties", "PenaltyOf": "penalties",
     "PenaltySum": "penalties",
     "PoissonKL": "penalties", "RatePenalty": "penalties", "get_penalty": "penalties",
+    "TargetSparsity": "control", "TargetNotReachedWarning": "control",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import functional
     from .attach import Attachment, TargetStats, attach, find_targets, regularize
+    from .control import TargetNotReachedWarning, TargetSparsity
     from .diagnose import GradientReport, gradient_report
     from .gradcheck import relative_gradient_error
     from .identity_attach import KLSparseReg
@@ -96,6 +98,8 @@ __all__ = [
     "Hoyer",
     "PENALTIES",
     "get_penalty",
+    "TargetSparsity",
+    "TargetNotReachedWarning",
     # attaching
     "attach",
     "regularize",

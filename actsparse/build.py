@@ -41,6 +41,11 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
         if key == "frequency_kl":  # None: FrequencyKL's own default (TrainConfig refuses them for other penalties)
             kwargs.update({n: getattr(cfg, n) for n in ("bandwidth", "threshold") if getattr(cfg, n) is not None})
         penalty = get_penalty(cfg.penalty, **kwargs)
+        control = cfg.control()
+        if control is not None:  # --target-*: the coefficient adapted during training, --weight its start
+            statistic, target = control
+            penalty = penalty.toward(**{statistic: target}, per_unit=cfg.per_unit, rate_of_change=cfg.control_rate,
+                                     update_in_forward=cfg.optimizer != "lbfgs")  # L-BFGS: once per iteration
     recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
     if cfg.model == "stacked":
         sizes = [d_in, *cfg.sizes]

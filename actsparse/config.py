@@ -103,6 +103,25 @@ class TrainConfig:
     threshold: float | None = None
     """``--penalty frequency_kl`` only: θ, a unit fires when its activation is > θ."""
 
+    target_l0: float | None = None
+    """Adapt the penalty's coefficient during training, starting from ``--weight``, until the
+    code has this many active units per sample (units > 0; > ``--threshold`` for
+    ``frequency_kl``). Not for sigmoid units, which are never 0."""
+    target_rate: float | None = None
+    """Adapt the coefficient until units fire in this share of samples: on average over units,
+    or each unit with ``--per-unit``."""
+    target_mean: float | None = None
+    """Adapt the coefficient until the mean activation ρ̂ is this: on average over units, or each
+    unit with ``--per-unit`` (the KL penalties' ``--target`` ρ reached exactly)."""
+    per_unit: bool = False
+    """With ``--target-rate`` or ``--target-mean``: one coefficient per unit, each unit held to the
+    target (not with ``hoyer``, which is no sum over units)."""
+    control_rate: float | None = None
+    """η, the step of log(coefficient) per training step under ``--target-*``: the coefficient
+    moves by at most a factor e^η a step. Default: 0.1 for ``lbfgs`` (the model answers a new
+    coefficient within a few iterations), 0.02 for minibatch optimisers (it takes tens of steps
+    to answer, and a larger η overshoots)."""
+
     optimizer: Optimizer = "lbfgs"
     """``lbfgs`` (full batch) or a minibatch optimiser."""
     iterations: int = 400
@@ -234,6 +253,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         self._check_target()
         self._check_frequency_settings()
+        self._check_control()
         if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) \
                 or not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
@@ -252,7 +272,7 @@ class TrainConfig:
                                   f"got {getattr(self, name)!r}")
 
     #: Fields whose default (None) is resolved from the other settings by _resolve_recipe_defaults.
-    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target")
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target", "control_rate")
 
     def _resolve_recipe_defaults(self) -> None:
         """Fill ``weight_decay`` and ``target`` when they are None with the value of the recipe the
@@ -267,6 +287,8 @@ class TrainConfig:
             self.weight_decay = 3e-3 if digits or zca_linear else 1e-4
         if self.target is None:
             self.target = 0.1 if digits else 0.01
+        if self.control_rate is None:
+            self.control_rate = 0.1 if self.optimizer == "lbfgs" else 0.02
 
     def _check_target(self) -> None:
         """ρ must be a probability for the Bernoulli and frequency KLs, and > 0 for the Poisson KL
@@ -280,6 +302,59 @@ class TrainConfig:
                               f"between 0 and 1, got {t!r}")
         if key == "PoissonKL" and not t > 0:
             raise ConfigError(f"--target of --penalty {self.penalty} is a mean activation ρ and must be > 0, got {t!r}")
+
+    #: The flags that ask for a controlled coefficient, and the statistic each holds.
+    CONTROL_FLAGS: ClassVar[dict[str, str]] = {"target_l0": "l0", "target_rate": "rate", "target_mean": "mean"}
+
+    def control(self) -> tuple[str, float] | None:
+        """``(statistic, target)`` of the ``--target-*`` flag given, or None (a fixed coefficient)."""
+        for name, statistic in self.CONTROL_FLAGS.items():
+            if getattr(self, name) is not None:
+                return statistic, float(getattr(self, name))
+        return None
+
+    def _check_control(self) -> None:
+        """The ``--target-*`` flags: one at most, a number in range, a penalty to control, and a
+        statistic the activation can show."""
+        given = [n for n in self.CONTROL_FLAGS if getattr(self, n) is not None]
+        flags = [f"--{n.replace('_', '-')}" for n in given]
+        for name in given:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        v = self.control_rate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ConfigError(f"--control-rate is the step of log(coefficient) and must be in (0, 1], got {v!r}")
+        if not isinstance(self.per_unit, bool):
+            raise ConfigError(f"--per-unit must be true or false, got {self.per_unit!r}")
+        if not given:
+            if self.per_unit:
+                raise ConfigError("--per-unit applies to --target-rate or --target-mean (a coefficient per unit)")
+            return
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(flags)}: give one target (each adapts the same coefficient)")
+        if self.penalty is None:
+            raise ConfigError(f"{flags[0]} adapts the penalty's coefficient: it needs a --penalty "
+                              f"({', '.join(sorted(PENALTIES))})")
+        name, key = given[0], self.penalty.lower().replace("-", "_")
+        if name == "target_rate" and not self.target_rate < 1:
+            raise ConfigError(f"--target-rate is a share of samples and must lie in (0, 1), got {self.target_rate!r}")
+        if name == "target_l0" and self.model == "sae" and self.target_l0 > self.hidden:
+            raise ConfigError(f"--target-l0 {self.target_l0:g} is more than the {self.hidden} hidden units")
+        if name in ("target_l0", "target_rate") and self.activation == "sigmoid" and key != "frequency_kl":
+            raise ConfigError(f"{flags[0]} counts the units that are > 0, and sigmoid units always are: use "
+                              "--target-mean with sigmoid units, or a ReLU-family --activation")
+        if self.per_unit and name == "target_l0":
+            raise ConfigError("--per-unit holds each unit's own statistic: use it with --target-rate or "
+                              "--target-mean (L0 counts units per sample)")
+        if self.per_unit and key == "hoyer":
+            raise ConfigError("--per-unit needs a penalty that is a sum over units (kl, poisson_kl, frequency_kl, "
+                              "l1, l2), not hoyer")
+        if self.weight == 0:
+            raise ConfigError(f"--weight is the starting coefficient of {flags[0]} and must be > 0")
+        if self.activation in ("topk", "batchtopk", "ksparse"):
+            raise ConfigError(f"--activation {self.activation} fixes the number of active units itself (--k): "
+                              f"{flags[0]} has nothing to adapt")
 
     def _check_frequency_settings(self) -> None:
         """``bandwidth`` and ``threshold`` belong to the firing-frequency KL alone: for another
@@ -320,7 +395,8 @@ def check_run_name(name: object) -> str:
 FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data", "samples", "patch_size", "whiten"),
     "model": ("model", "sizes", "pretrain", "hidden", "activation", "k", "decoder", "tied", "auxk", "decode"),
-    "penalty (sparsity)": ("penalty", "target", "weight", "bandwidth", "threshold"),
+    "penalty (sparsity)": ("penalty", "target", "weight", "bandwidth", "threshold", "target_l0", "target_rate",
+                           "target_mean", "per_unit", "control_rate"),
     "optimisation": ("optimizer", "iterations", "epochs", "batch_size", "lr", "weight_decay", "validation",
                      "on_nan", "max_rollbacks"),
     "run and output": ("seed", "out", "name", "config", "resume", "overwrite", "checkpoint_every", "plots",
@@ -332,6 +408,9 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
 NONE_MEANS: dict[str, str] = {
     "bandwidth": f"{DEFAULT_BANDWIDTH:g} (FrequencyKL's own)",
     "threshold": "0",
+    "target_l0": "off (a fixed coefficient)",
+    "target_rate": "off",
+    "target_mean": "off",
 }
 
 

@@ -178,6 +178,13 @@ class LBFGS:
         self.iterations += 1
         return self.f
 
+    def objective_changed(self) -> None:
+        """The objective changed at the current point (a controlled penalty's coefficient moved):
+        the next :meth:`step` evaluates it anew instead of starting from the cached value and
+        gradient, so that its line search compares values of one objective. The curvature pairs
+        are kept (the coefficient moves a few percent a step)."""
+        self.f = self.g = None
+
     def _remember(self, s_new: Tensor, y_new: Tensor) -> None:
         ys = float(s_new.dot(y_new))
         if ys <= 1e-10:  # curvature condition fails: keep the old pairs (N&W §7.2)

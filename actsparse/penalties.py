@@ -70,6 +70,8 @@ class Penalty(nn.Module):
     """
 
     firing_threshold: float | Tensor = 0.0
+    #: Whether the penalty is a sum of one term per unit (:meth:`weighted` takes ``(units,)`` weights).
+    sum_over_units: bool = False
 
     def __init__(self, weight: float = 1.0, *, unit_dim: int = -1, check: bool = True) -> None:
         super().__init__()
@@ -84,6 +86,41 @@ class Penalty(nn.Module):
     def forward(self, a: Tensor) -> Tensor:
         """``weight * value(a)``: a differentiable scalar in ``a``'s dtype."""
         return self.value(a) * self.weight
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        """The penalty with another coefficient: ``weight · value(a)`` for a float ``weight``, and
+        ``Σ_j weight_j · value_j(a)`` for a ``(units,)`` tensor, ``value_j`` the part of the
+        penalty that unit ``j`` contributes (the penalties that are a sum over units: the KLs,
+        L1, L2). ``self.weight`` is not used; ``slot`` as for :meth:`forward` of stateful
+        penalties. A scalar in ``a``'s dtype. :class:`~actsparse.control.TargetSparsity` calls
+        this with the coefficient it adapts."""
+        if isinstance(weight, Tensor):
+            out = (self._unit_values(a) * weight.to(device=a.device, dtype=F._compute_dtype(a.dtype))).sum()
+            return F._in_caller_dtype(out, a, self.check)
+        return self.value(a) * float(weight)
+
+    def _unit_values(self, a: Tensor) -> Tensor:
+        """``(units,)`` in the compute dtype: the unweighted penalty split by unit (Σ_j = value)."""
+        raise TypeError(f"{type(self).__name__} is not a sum over units, so it cannot take one coefficient per "
+                        "unit: control it with per_unit=False (one coefficient)")
+
+    def toward(self, *, l0: float | None = None, rate: float | None = None, mean: float | None = None,
+               per_unit: bool = False, **knobs: Any):
+        """This penalty with its coefficient adapted during training until a measured sparsity
+        statistic reaches a target: give one of ``l0`` (active units per sample), ``rate`` (the
+        share of samples in which a unit fires, averaged over units or, with ``per_unit``, for
+        each unit) or ``mean`` (the mean activation ρ̂). The penalty's ``weight`` is the starting
+        coefficient. ``L1(1e-3).toward(l0=16)``; ``BernoulliKL(0.01, weight=3).toward(mean=0.01)``.
+        See :class:`~actsparse.control.TargetSparsity` for the update and its knobs (``rate_of_change``,
+        ``window``)."""
+        from .control import TargetSparsity
+
+        given = {k: v for k, v in (("l0", l0), ("rate", rate), ("mean", mean)) if v is not None}
+        if len(given) != 1:
+            raise TypeError("toward() takes exactly one target: l0=..., rate=... or mean=..., got "
+                            f"{', '.join(given) or 'none'}")
+        (statistic, target), = given.items()
+        return TargetSparsity(self, statistic, target, per_unit=per_unit, **knobs)
 
     @property
     def stateful(self) -> bool:
@@ -167,6 +204,10 @@ class PenaltySum(Penalty):
     def value(self, a: Tensor) -> Tensor:
         return self.forward(a)
 
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        raise TypeError("a sum of penalties has one coefficient per term, not one to adapt: control one term "
+                        "and add the others outside, e.g. L1(1e-3).toward(l0=16) + L2(1e-4)")
+
     def extra_repr(self) -> str:
         return ""
 
@@ -200,6 +241,10 @@ class PenaltyOf(Penalty):
         return self.inner.stateful
 
     @property
+    def sum_over_units(self) -> bool:  # type: ignore[override]
+        return self.inner.sum_over_units
+
+    @property
     def target(self) -> float | None:
         return getattr(self.inner, "target", None)
 
@@ -220,6 +265,9 @@ class PenaltyOf(Penalty):
 
     def value(self, a: Tensor) -> Tensor:
         return self.inner.value(self._apply(a))
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        return self.inner.weighted(self._apply(a), weight, slot=slot)
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', repr(self.fn))}"
@@ -252,6 +300,7 @@ class RatePenalty(Penalty):
     """
 
     running_rate: Tensor
+    sum_over_units = True
 
     def __init__(
         self,
@@ -286,9 +335,10 @@ class RatePenalty(Penalty):
         """The observed per-unit rate ``(units,)`` of activations ``a``."""
         raise NotImplementedError
 
-    def divergence(self, rate: Tensor) -> Tensor:
-        """The unweighted divergence between ``self.target`` and ``rate`` (scalar, ``rate``'s
-        dtype). Unchecked: :meth:`forward` validates the batch rate once, before any state moves."""
+    def divergence(self, rate: Tensor, reduction: str = "sum") -> Tensor:
+        """The unweighted divergence between ``self.target`` and ``rate``: summed over units
+        (scalar) or, with ``reduction="none"``, per unit; in ``rate``'s dtype. Unchecked:
+        :meth:`forward` validates the batch rate once, before any state moves."""
         raise NotImplementedError
 
     #: The process group whose global batch ρ̂ is taken over (``None``: this process's batch);
@@ -297,6 +347,9 @@ class RatePenalty(Penalty):
 
     def value(self, a: Tensor) -> Tensor:
         return self._evaluate(a, 1.0, (0, 0))
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        return self._evaluate(a, weight if isinstance(weight, Tensor) else float(weight), slot)
 
     def forward(self, a: Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
         """``weight · divergence(target, ρ̂)`` for activations ``a`` ``(batch, ..., units)``: a
@@ -309,7 +362,7 @@ class RatePenalty(Penalty):
         """
         return self._evaluate(a, self.weight, slot)
 
-    def _evaluate(self, a: Tensor, weight: float, slot: tuple[int, int]) -> Tensor:
+    def _evaluate(self, a: Tensor, weight: float | Tensor, slot: tuple[int, int]) -> Tensor:
         rate = self.rate(a)
         if self.stats_group is not None:
             from .distributed import global_mean
@@ -322,7 +375,10 @@ class RatePenalty(Penalty):
             rate_used = rate + (running - rate).detach()  # value at the average, gradient through the batch
         else:
             rate_used = rate
-        out = self.divergence(rate_used) * weight
+        if isinstance(weight, Tensor):  # one coefficient per unit: Σ_j w_j · divergence_j
+            out = (self.divergence(rate_used, "none") * weight.to(rate_used)).sum()
+        else:
+            out = self.divergence(rate_used) * weight
         if self.check:
             # one host read for the batch rate (NaN/Inf, domain) and the value's fit in a's dtype,
             # before the moving average moves: a rejected batch must not stay in it
@@ -386,8 +442,8 @@ class BernoulliKL(RatePenalty):
     def rate(self, a: Tensor) -> Tensor:
         return F.mean_activation(a, self.unit_dim)
 
-    def divergence(self, rate: Tensor) -> Tensor:
-        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=False)
+    def divergence(self, rate: Tensor, reduction: str = "sum") -> Tensor:
+        return F.bernoulli_kl(self.target, rate, reduction=reduction, eps=self.eps, check=False)
 
 
 class PoissonKL(RatePenalty):
@@ -404,8 +460,8 @@ class PoissonKL(RatePenalty):
     def rate(self, a: Tensor) -> Tensor:
         return F.mean_activation(a, self.unit_dim)
 
-    def divergence(self, rate: Tensor) -> Tensor:
-        return F.poisson_kl(self.target, rate, eps=self.eps, check=False)
+    def divergence(self, rate: Tensor, reduction: str = "sum") -> Tensor:
+        return F.poisson_kl(self.target, rate, reduction=reduction, eps=self.eps, check=False)
 
 
 class FrequencyKL(RatePenalty):
@@ -470,8 +526,8 @@ class FrequencyKL(RatePenalty):
             rate = rate + torch.where(torch.isnan(a).any(), float("nan"), 0.0)
         return rate
 
-    def divergence(self, rate: Tensor) -> Tensor:
-        return F.bernoulli_kl(self.target, rate, eps=self.eps, check=False)
+    def divergence(self, rate: Tensor, reduction: str = "sum") -> Tensor:
+        return F.bernoulli_kl(self.target, rate, reduction=reduction, eps=self.eps, check=False)
 
     def extra_repr(self) -> str:
         th = self.firing_threshold
@@ -486,11 +542,23 @@ class L1(Penalty):
     ``ValueError`` naming dtype and value when that dtype cannot hold it (float16 above 65504).
     """
 
+    sum_over_units = True
+
     def value(self, a: Tensor) -> Tensor:
         return F.l1(a, check=self.check)
 
     def forward(self, a: Tensor) -> Tensor:
         return F.scaled_l1(a, self.weight, check=self.check)  # the weight folded into one node
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        if isinstance(weight, Tensor):
+            return super().weighted(a, weight, slot=slot)
+        return F.scaled_l1(a, float(weight), check=self.check)
+
+    def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of |a|, / batch
+        F._check_activations(a)
+        x = a.to(F._compute_dtype(a.dtype))
+        return x.abs().sum(dim=F._reduce_dims(a, self.unit_dim)) / a.shape[0]
 
 
 class L2(Penalty):
@@ -500,11 +568,23 @@ class L2(Penalty):
     fits is returned exactly; a weighted value that does not fit raises with ``check``.
     """
 
+    sum_over_units = True
+
     def value(self, a: Tensor) -> Tensor:
         return F.l2(a, check=self.check)
 
     def forward(self, a: Tensor) -> Tensor:
         return F.scaled_l2(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        if isinstance(weight, Tensor):
+            return super().weighted(a, weight, slot=slot)
+        return F.scaled_l2(a, float(weight), check=self.check)
+
+    def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of a², / batch
+        F._check_activations(a)
+        x = a.to(F._compute_dtype(a.dtype))
+        return x.square().sum(dim=F._reduce_dims(a, self.unit_dim)) / a.shape[0]
 
 
 class Hoyer(Penalty):
@@ -519,6 +599,11 @@ class Hoyer(Penalty):
 
     def forward(self, a: Tensor) -> Tensor:
         return F.scaled_hoyer(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        if isinstance(weight, Tensor):
+            return super().weighted(a, weight, slot=slot)  # raises: Hoyer is no sum over units
+        return F.scaled_hoyer(a, float(weight), check=self.check)
 
 
 #: Registry of penalty names (CLI and config files resolve ``--penalty NAME`` here).

@@ -215,6 +215,14 @@ def summary_statistics(cfg: TrainConfig, m: dict[str, float]) -> list[str]:
     Hoyer and no penalty have no target: the mean activation is shown alone."""
     penalty = (cfg.penalty or "").lower().replace("-", "_")
     units = _code_width(cfg)
+    control = cfg.control()
+    if control is not None:  # --target-*: the statistic held, its target, and where the coefficient ended
+        statistic, target = control
+        shown = {"l0": ("L0", m["l0"]), "rate": ("firing rate", m["l0"] / units),
+                 "mean": ("mean activation", m["mean_activation"])}[statistic]
+        end = f", coefficient {m['coefficient']:.4g} from {cfg.weight:g}" if "coefficient" in m else ""
+        per = " (mean over units, each held)" if cfg.per_unit else ""
+        return [f"{shown[0]} {shown[1]:.4g}{per} (target {target:g}{end})"]
     parts = [] if cfg.activation == "sigmoid" else [f"L0 {m['l0']:.2f} of {units}"]
     if penalty in ("kl", "bernoulli_kl", "poisson_kl"):
         parts.append(f"mean activation {m['mean_activation']:.4g} (target {cfg.target:g})")

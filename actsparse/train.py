@@ -25,6 +25,7 @@ from . import metrics as M
 from .build import build_model, resolve_device
 from .checkpoint import CHECKPOINT
 from .config import TrainConfig
+from .control import TargetSparsity
 from .data import STREAM_SAMPLE
 from .distributed import local_batch_statistics, sync_batch_statistics, world
 from .errors import NonFiniteError, TrainingError, TrainingWarning
@@ -220,6 +221,11 @@ class _Run:
         # the data), over Σ‖x − x̄‖², computed once for full-batch L-BFGS (the same x every iteration)
         self.full_batch_total = M.total_variance(self.x_train) if cfg.optimizer == "lbfgs" else None
         self.recon_kind = getattr(self.model, "recon_loss", None)
+        # --target-*: the controlled penalties (their coefficients are logged; L-BFGS steps them)
+        self.controllers = [m for m in self.model.modules() if isinstance(m, TargetSparsity)]
+        if cfg.optimizer == "lbfgs":
+            for c in self.controllers:
+                c.update_in_forward = False  # the line search evaluates several times per iteration
         self.start = time.perf_counter()
 
     # ---------------------------------------------------------------- checks before any work
@@ -319,6 +325,9 @@ class _Run:
         rec = {"step": step, **means, "fvu": M.fvu_ratio(sse, total),
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - self.start}
+        for c in self.controllers[:1]:  # --target-*: the coefficient (geometric mean per unit) and the statistic
+            rec["coefficient"] = float(c.log_weight.mean().exp())
+            rec["statistic"] = float(c.statistic.mean())
         if self.n_val and self.rank == 0 and self._validation_due(step):
             # the validation curve of loss.png: eval mode, no penalty, about 20 points a run
             rec["val_reconstruction"] = evaluate(self.model, self.x_val)["reconstruction"]
@@ -403,6 +412,10 @@ class _Run:
 
         for it in range(first, self.cfg.iterations + 1):
             opt.step(closure)
+            if self.controllers:  # --target-*: one coefficient update per iteration, from the accepted point
+                for c in self.controllers:
+                    c.step(opt.aux.code if len(self.controllers) == 1 else None)
+                opt.objective_changed()
             self.after_step(it, opt.aux, x, opt, {}, True)  # opt.aux: the output at the accepted point
 
     def _loop_minibatch(self, state: dict[str, Any] | None) -> None:
@@ -460,6 +473,8 @@ class _Run:
     def final_metrics(self, history: list[dict[str, float]]) -> dict[str, float]:
         cfg = self.cfg
         final: dict[str, float] = {"target": cfg.target, "seconds": time.perf_counter() - self.start,
+                                   **({"coefficient": float(self.controllers[0].log_weight.mean().exp())}
+                                      if self.controllers else {}),
                                    "steps": int(history[-1]["step"]) if history else 0, "rollbacks": self.rollbacks,
                                    "processes": self.world_size}
         if self.rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights

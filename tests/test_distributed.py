@@ -30,6 +30,11 @@ CASES = {
     "relu+PoissonKL+momentum": dict(activation="relu", penalty=lambda: PoissonKL(0.1, weight=0.5, momentum=0.9)),
     "relu+FrequencyKL": dict(activation="relu", penalty=lambda: FrequencyKL(0.2, weight=0.3, bandwidth=0.5)),
     "relu+L1": dict(activation="relu", penalty=lambda: L1(1e-2)),
+    # a controlled coefficient: the statistic is the global batch's, so log λ (a buffer) matches
+    "relu+L1 toward l0": dict(activation="relu", penalty=lambda: L1(1e-2).toward(l0=6)),
+    "sigmoid+KL toward mean per unit": dict(activation="sigmoid", decoder="sigmoid",
+                                            penalty=lambda: BernoulliKL(0.05, weight=3.0).toward(mean=0.05,
+                                                                                                 per_unit=True)),
     "batchtopk": dict(activation="batchtopk", k=3, penalty=None, unit_norm_decoder=True),
     "topk+auxk": dict(activation="topk", k=3, penalty=None, auxk=4, dead_after=8, unit_norm_decoder=True),
 }

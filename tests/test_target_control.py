@@ -1,0 +1,337 @@
+"""TargetSparsity: a penalty whose coefficient is adapted until a statistic reaches its target.
+
+References are independent: NumPy formulas for the statistics and the per-unit penalties,
+gradcheck in float64, the update rule replayed by hand in Python floats, and a naive training
+loop for resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import actsparse
+from actsparse import L1, L2, BernoulliKL, FrequencyKL, Hoyer, PoissonKL
+from actsparse.control import TargetNotReachedWarning, TargetSparsity, measure_statistic
+from actsparse.models import SparseAutoencoder
+
+
+def _acts(shape=(32, 6), seed=0, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(*shape, generator=g, dtype=dtype) - 0.3)
+
+
+# ------------------------------------------------------------------------------- weighted()
+
+
+PENALTIES = {
+    "BernoulliKL": lambda: BernoulliKL(0.05, weight=2.0),
+    "PoissonKL": lambda: PoissonKL(0.1, weight=2.0),
+    "FrequencyKL": lambda: FrequencyKL(0.2, weight=2.0, bandwidth=0.5),
+    "L1": lambda: L1(2.0),
+    "L2": lambda: L2(2.0),
+    "Hoyer": lambda: Hoyer(2.0),
+    "L1.of(relu)": lambda: L1(2.0).of(torch.relu),
+}
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_weighted_with_a_float_is_forward_with_that_weight(name):
+    a = _acts() if "KL" not in name or name == "PoissonKL" else _acts().clamp(max=1)
+    p = PENALTIES[name]()
+    x = a.clone().requires_grad_()
+    ref = p(x)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    y = a.clone().requires_grad_()
+    got = p.weighted(y, 2.0)
+    (g,) = torch.autograd.grad(got, y)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=0)
+
+
+def _kl_np(rho, r):
+    return rho * np.log(rho / r) + (1 - rho) * np.log((1 - rho) / (1 - r))
+
+
+def test_per_unit_weights_match_numpy():
+    """Σ_j w_j P_j against the formulas written out in NumPy, for L1, L2 and the two KLs, with
+    the units last and on axis 1 of a conv map."""
+    w = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0, 1.5], dtype=torch.float64)
+    a = _acts((16, 6)).clamp(max=0.9)
+    an, wn = a.numpy(), w.numpy()
+    assert float(L1(1.0).weighted(a, w)) == pytest.approx((np.abs(an).sum(0) * wn).sum() / 16, rel=1e-12)
+    assert float(L2(1.0).weighted(a, w)) == pytest.approx(((an ** 2).sum(0) * wn).sum() / 16, rel=1e-12)
+    r = np.clip(an.mean(0), 1e-6, 1 - 1e-6)
+    assert float(BernoulliKL(0.05).weighted(a, w)) == pytest.approx((_kl_np(0.05, r) * wn).sum(), rel=1e-9)
+    pois = 0.1 * np.log(0.1 / r) - 0.1 + r
+    assert float(PoissonKL(0.1).weighted(a, w)) == pytest.approx((pois * wn).sum(), rel=1e-9)
+    conv = _acts((4, 6, 3, 5))  # (batch, channels, h, w): channels are the units
+    cn = conv.numpy()
+    got = float(L1(1.0, unit_dim=1).weighted(conv, w))
+    assert got == pytest.approx((np.abs(cn).sum(axis=(0, 2, 3)) * wn).sum() / 4, rel=1e-12)
+
+
+def test_per_unit_weighted_passes_gradcheck():
+    w = torch.tensor([0.5, 1.0, 2.0, 0.7, 3.0, 1.5], dtype=torch.float64)
+    a = (_acts((8, 6)) + 0.05).clamp(max=0.9).requires_grad_()  # away from L1's kink and the KL's clamp
+    for p in (L1(1.0), L2(1.0), BernoulliKL(0.3), PoissonKL(0.3)):
+        assert torch.autograd.gradcheck(lambda x, p=p: p.weighted(x, w), (a,)), type(p).__name__
+
+
+def test_what_cannot_be_controlled_says_why():
+    with pytest.raises(TypeError, match="not a sum over units"):
+        Hoyer(1.0).toward(rate=0.1, per_unit=True)
+    with pytest.raises(TypeError, match="control one term"):
+        (L1(1.0) + L2(1.0)).toward(l0=4)
+    with pytest.raises(TypeError, match="exactly one target"):
+        L1(1.0).toward()
+    with pytest.raises(TypeError, match="exactly one target"):
+        L1(1.0).toward(l0=4, rate=0.1)
+    with pytest.raises(ValueError, match="no per-unit form"):
+        L1(1.0).toward(l0=4, per_unit=True)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        L1(1.0).toward(rate=1.5)
+    with pytest.raises(ValueError, match="> 0"):
+        L1(1.0).toward(l0=-2)
+    with pytest.raises(ValueError, match="starting coefficient"):
+        L1(0.0).toward(l0=4)
+    with pytest.raises(TypeError, match="controlled already"):
+        TargetSparsity(L1(1.0).toward(l0=4), "l0", 3)
+    Hoyer(1.0).toward(l0=3)  # one coefficient: fine
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_statistics_match_numpy():
+    a = _acts((20, 5), seed=3)
+    an = a.numpy()
+    fired = (an > 0).mean(0)
+    assert float(measure_statistic(a, "l0")) == pytest.approx(fired.sum(), rel=1e-12)
+    assert float(measure_statistic(a, "rate")) == pytest.approx(fired.mean(), rel=1e-12)
+    np.testing.assert_allclose(measure_statistic(a, "rate", per_unit=True).numpy(), fired, rtol=1e-12)
+    np.testing.assert_allclose(measure_statistic(a, "mean", per_unit=True).numpy(), an.mean(0), rtol=1e-12)
+    th = torch.tensor([0.0, 0.5, 1.0, 0.2, 0.1], dtype=torch.float64)
+    np.testing.assert_allclose(measure_statistic(a, "rate", threshold=th, per_unit=True).numpy(),
+                               (an > th.numpy()).mean(0), rtol=1e-12)
+    conv = _acts((3, 5, 4, 4), seed=4)  # channels on axis 1: each channel's share over batch and positions
+    np.testing.assert_allclose(measure_statistic(conv, "rate", unit_dim=1, per_unit=True).numpy(),
+                               (conv.numpy() > 0).mean(axis=(0, 2, 3)), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- the update
+
+
+def test_update_follows_the_formula():
+    """log λ_{t+1} = log λ_t + η · min((s_t − s*)/s*, 1), replayed in Python floats; the value
+    of each forward is λ_t (before the step's update) times the penalty."""
+    ctrl = L1(0.01).toward(l0=3.0, rate_of_change=0.1)
+    log_lam = math.log(0.01)
+    for t in range(12):
+        a = _acts((16, 8), seed=t).requires_grad_()
+        s = float((a.detach() > 0).double().mean(0).sum())
+        value = ctrl(a)
+        assert float(value) == pytest.approx(math.exp(log_lam) * float(a.detach().abs().sum() / 16), rel=1e-12)
+        log_lam += 0.1 * min((s - 3.0) / 3.0, 1.0)
+        assert float(ctrl.log_weight) == pytest.approx(log_lam, rel=1e-12, abs=1e-15)
+        assert float(ctrl.statistic) == pytest.approx(s, rel=1e-12)
+    assert int(ctrl.updates) == 12
+
+
+def test_per_unit_update_moves_each_unit_by_its_own_statistic():
+    ctrl = L1(1.0).toward(rate=0.5, per_unit=True, rate_of_change=0.2)
+    a = torch.zeros(10, 3, dtype=torch.float64)
+    a[:9, 0] = 1.0   # unit 0 fires in 90 % of the samples: λ_0 up
+    a[:5, 1] = 1.0   # unit 1 at 50 %: unchanged
+    a[:1, 2] = 1.0   # unit 2 at 10 %: λ_2 down
+    ctrl(a.requires_grad_())
+    expected = 0.2 * np.array([min(0.4 / 0.5, 1.0), 0.0, -0.4 / 0.5])
+    np.testing.assert_allclose(ctrl.log_weight.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_no_update_in_eval_mode_or_without_grad():
+    ctrl = L1(0.5).toward(l0=1.0)
+    a = _acts((8, 4)).requires_grad_()
+    before = copy.deepcopy(ctrl.state_dict())
+    ctrl.eval()
+    ctrl(a)
+    ctrl.train()
+    with torch.no_grad():
+        ctrl(a)
+    for k, v in ctrl.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, msg=k)
+
+
+def test_update_in_forward_false_waits_for_step():
+    ctrl = L1(0.5).toward(l0=1.0, update_in_forward=False)
+    a = _acts((8, 4)).requires_grad_()
+    for _ in range(3):  # three evaluations of one step (a line search): no update yet
+        ctrl(a)
+    assert float(ctrl.log_weight) == math.log(0.5)
+    ctrl.step()
+    s = float((a.detach() > 0).double().mean(0).sum())
+    assert float(ctrl.log_weight) == pytest.approx(math.log(0.5) + 0.05 * min(s - 1.0, 1.0), rel=1e-12)
+    ctrl.step()  # no new forward: nothing to do
+    assert int(ctrl.updates) == 1
+
+
+def test_bounds_hold():
+    ctrl = L1(1.0).toward(l0=0.01, max_weight=2.0, rate_of_change=1.0)
+    for _ in range(5):
+        ctrl(torch.ones(4, 3, requires_grad=True))
+    assert float(ctrl.coefficient) == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def _sae(penalty, seed=0):
+    torch.manual_seed(seed)
+    return SparseAutoencoder(16, 64, "relu", decoder="linear", penalty=penalty, recon_loss="mse")
+
+
+def _data(n=2048):
+    """``n`` training rows and 512 held-out rows of one synthetic dictionary (64 atoms in 16-d, 4 active)."""
+    from actsparse.data.synthetic import make_synthetic
+
+    x = make_synthetic(n + 512, 16, 64, 4.0, seed=0).x
+    return x[:n], x[n:]
+
+
+def _train(model, x, steps, batch=128, opt=None):
+    opt = opt or torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(123)
+    order = [torch.randperm(x.shape[0], generator=g)[:batch] for _ in range(steps)]
+    for idx in order:
+        opt.zero_grad()
+        model(x[idx]).loss.backward()
+        opt.step()
+    return opt
+
+
+def test_relu_l1_reaches_the_target_l0():
+    """The controller takes a ReLU SAE + L1 to L0 = 6 (±5 %) on held-out data in eval mode, from
+    a starting λ far too small (1e-4: the code is dense) and one so large that it silences every
+    unit at first (1.0: the anti-windup holds λ while they revive)."""
+    x, held_out = _data(8192)  # with 2,048 rows the held-out L0 is 5 % above the training rows' (overfit)
+    for start, steps in ((1e-4, 1000), (1.0, 2500)):
+        model = _sae(L1(start).toward(l0=6.0))
+        _train(model, x, steps)
+        model.eval()
+        with torch.no_grad():
+            l0 = float((model(held_out).code > 0).double().sum(1).mean())
+        assert l0 == pytest.approx(6.0, rel=0.05), (start, l0, float(model.penalty.coefficient))
+
+
+def test_resume_is_bit_identical():
+    """Stop at step 40 (state_dict of the model, controller included, and the optimiser), load into
+    fresh objects, go on to 80: the same weights and λ, bit for bit, as 80 steps in one go."""
+    x, _ = _data(1024)
+    whole = _sae(L1(1e-2).toward(l0=5.0))
+    _train(whole, x, 80)
+    first = _sae(L1(1e-2).toward(l0=5.0))
+    opt = _train(first, x, 40)
+    state, opt_state = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    again = _sae(L1(3.0).toward(l0=5.0), seed=9)  # other weights and λ: all replaced by the load
+    again.load_state_dict(state)
+    opt2 = torch.optim.Adam(again.parameters(), lr=3e-3)
+    opt2.load_state_dict(opt_state)
+    # replay: the batches of steps 41..80 of the same order
+    g = torch.Generator().manual_seed(123)
+    order = [torch.randperm(x.shape[0], generator=g)[:128] for _ in range(80)]
+    for idx in order[40:]:
+        opt2.zero_grad()
+        again(x[idx]).loss.backward()
+        opt2.step()
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    assert float(again.penalty.log_weight) == float(whole.penalty.log_weight)
+
+
+def test_per_unit_state_round_trips():
+    ctrl = BernoulliKL(0.05, weight=3.0).toward(mean=0.05, per_unit=True)
+    ctrl(torch.rand(8, 5, dtype=torch.float64, requires_grad=True))
+    fresh = BernoulliKL(0.05, weight=3.0).toward(mean=0.05, per_unit=True)
+    fresh.load_state_dict(ctrl.state_dict())
+    assert torch.equal(fresh.log_weight, ctrl.log_weight) and fresh.log_weight.shape == (5,)
+
+
+# ------------------------------------------------------------------------------- attach
+
+
+def test_attach_one_line_and_one_layer_per_controller():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    reg = actsparse.attach(model, {"1": L1(1e-3).toward(l0=4.0)})
+    x = torch.randn(32, 8)
+    model(x)
+    reg.penalty().backward()
+    ctrl = reg.penalties[0]
+    assert int(ctrl.updates) == 1 and "coefficient" in repr(ctrl)
+    shared = L1(1e-3).toward(l0=4.0)
+    model2 = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    actsparse.attach(model2, {"1": shared, "3": shared})
+    with pytest.raises(ValueError, match="attach one per layer"):
+        model2(x)
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def test_saturation_is_reported_with_numbers():
+    """Activations that no coefficient can move (a constant input): λ rises without end and the
+    controller says so after a window."""
+    ctrl = L1(1e-3).toward(l0=2.0, window=20, rate_of_change=0.2)
+    a = torch.ones(16, 8)  # L0 = 8, for ever
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            ctrl(a.clone().requires_grad_())
+    msgs = [str(w.message) for w in caught if issubclass(w.category, TargetNotReachedWarning)]
+    assert len(msgs) == 1 and "saturation" in msgs[0] and "target 2" in msgs[0], msgs
+    # anti-windup: from the warning on, λ rises no further; it falls again once the statistic does
+    held = float(ctrl.log_weight)
+    for _ in range(10):
+        ctrl(a.clone().requires_grad_())
+    assert float(ctrl.log_weight) == held
+    ctrl(torch.zeros(16, 8, requires_grad=True))
+    assert float(ctrl.log_weight) == pytest.approx(held - 0.2) and float(ctrl.held) == 0
+
+
+def test_too_sparse_is_reported():
+    ctrl = L1(1.0).toward(rate=0.5, window=20, rate_of_change=0.2)
+    a = torch.zeros(16, 8)
+    a[0] = 1.0  # rate 1/16 whatever the coefficient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            ctrl(a.clone().requires_grad_())
+    msgs = [str(w.message) for w in caught if issubclass(w.category, TargetNotReachedWarning)]
+    assert len(msgs) == 1 and "sparser than asked" in msgs[0], msgs
+    held = float(ctrl.log_weight)
+    ctrl(a.clone().requires_grad_())
+    assert float(ctrl.log_weight) == held
+
+
+def test_a_moving_statistic_is_not_reported():
+    """λ rising while the statistic comes down toward the target is convergence, not saturation."""
+    ctrl = L1(1e-3).toward(l0=2.0, window=20, rate_of_change=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(60):
+            a = torch.zeros(16, 8)
+            a[:, : max(2, 8 - t // 6)] = 1.0  # L0 falls 8 → 2 as the steps go
+            ctrl(a.requires_grad_())
+    assert not [w for w in caught if issubclass(w.category, TargetNotReachedWarning)]
+
+
+def test_frequency_kl_with_a_learned_threshold_measures_above_it():
+    th = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    ctrl = FrequencyKL(0.2, weight=1.0, threshold=th).toward(rate=0.2, per_unit=True)
+    a = torch.tensor([[1.0, 1.0, 1.0], [0.4, 0.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    ctrl(a)
+    np.testing.assert_allclose(ctrl.statistic.numpy(), [0.5, 0.5, 0.5])
