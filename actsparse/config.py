@@ -118,7 +118,7 @@ class TrainConfig:
     target (not with ``hoyer``, which is no sum over units)."""
     control_rate: float | None = None
     """η, the step of log(coefficient) per training step under ``--target-*``: the coefficient
-    moves by at most a factor e^η a step. Default: 0.1 for ``lbfgs`` (the model answers a new
+    moves by at most a factor e^η a step. Default: 0.2 for ``lbfgs`` (the model answers a new
     coefficient within a few iterations), 0.02 for minibatch optimisers (it takes tens of steps
     to answer, and a larger η overshoots)."""
 
@@ -288,7 +288,7 @@ class TrainConfig:
         if self.target is None:
             self.target = 0.1 if digits else 0.01
         if self.control_rate is None:
-            self.control_rate = 0.1 if self.optimizer == "lbfgs" else 0.02
+            self.control_rate = 0.2 if self.optimizer == "lbfgs" else 0.02
 
     def _check_target(self) -> None:
         """ρ must be a probability for the Bernoulli and frequency KLs, and > 0 for the Poisson KL

@@ -45,7 +45,8 @@ whatever λ does; the anti-windup below holds λ meanwhile (ReLU SAE + L1 starte
 on target after about 1,750 steps, against 250 from 500× too low). Start low when unsure.
 
 **Saturation and infeasibility** are reported, not hidden: every ``window`` steps, if λ rose by
-10× or more while the statistic stayed above the target and moved less than a tenth of the way
+10× or more since the statistic last made progress while the statistic stayed above the target
+and moved less than a tenth of the way
 (raising the coefficient no longer moves it), or fell by 10× or more while the statistic stayed
 below the target (even almost no penalty leaves the code sparser than asked), a
 :class:`TargetNotReachedWarning` says so with the numbers. λ is bounded to
@@ -56,7 +57,11 @@ with every unit dead after a too-large start, λ would fall to its floor in a fe
 once the units revive, overshoot far the other way. So the check above also *holds* the direction
 that did not answer, the textbook remedy of conditional integration (Åström & Hägglund,
 "Advanced PID Control", 2006, §3.5 on integrator windup): λ then stops moving that way until the
-error changes sign (the statistic crossed the target), and moves freely the other way.
+statistic crosses the target, and moves freely the other way. While held, the statistic's
+progress is checked every window: a hold that sees no progress (2 % of the way) for 5 windows
+(500 steps) is released, so that λ may move again where holding it does not help (a statistic that still does
+not answer is held again after the next 10× move). Per unit, each coefficient is judged and held
+on its own.
 
 **Statistics** (of the activations the penalty measures, ``a`` ``(batch, ..., units)``; a unit is
 active where ``a`` > the penalty's firing threshold, 0 unless it defines one, e.g. FrequencyKL's
@@ -72,7 +77,7 @@ unit's statistic, and the penalty is Σ_j λ_j P_j (the KL penalties, L1 and L2 
 Hoyer is not and takes one coefficient).
 
 **State.** ``log_weight`` (λ, as its logarithm: () or (units,)), ``statistic`` (the last measured
-s_t) and the saturation anchor are buffers: saved in ``state_dict`` (a resumed run continues
+s_t), the progress-check anchor and the held directions are buffers: saved in ``state_dict`` (a resumed run continues
 bit-identically), moved with ``.to()``. They change only in training mode with gradients on, so an
 evaluation pass never moves them. Under DDP (:func:`actsparse.distributed.sync_batch_statistics`
 sets ``stats_group``) the statistic is the global batch's, all-reduced before the update, so every
@@ -98,6 +103,10 @@ from .errors import TrainingWarning
 from .penalties import Penalty, PenaltySum
 
 __all__ = ["TargetSparsity", "TargetNotReachedWarning", "STATISTICS", "measure_statistic"]
+
+#: A held direction is released after this many windows without progress of the statistic (and
+#: at once when the statistic crosses the target).
+HOLD_WINDOWS = 5
 
 #: The statistics a :class:`TargetSparsity` can hold to a target.
 STATISTICS = ("l0", "rate", "mean")
@@ -198,9 +207,14 @@ class TargetSparsity(Penalty):
         self.register_buffer("statistic", torch.tensor(math.nan, dtype=torch.float64))
         # updates done; at the last saturation check: that step, mean log λ and mean error
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("anchor", torch.tensor([0.0, math.log(inner.weight), math.nan], dtype=torch.float64))
-        # +1: increases of λ are held (saturation), −1: decreases are held (too sparse), 0: none
+        # the last progress check: its step, λ and error (per unit: (units,))
+        self.register_buffer("anchor_step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("anchor_log_weight", self.log_weight.clone())
+        self.register_buffer("anchor_error", torch.tensor(math.nan, dtype=torch.float64))
+        # +1: increases of λ are held (saturation), −1: decreases are held (too sparse), 0: none;
+        # and the update at which each hold began
         self.register_buffer("held", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("held_since", torch.zeros((), dtype=torch.int64))
         self._fresh = False  # a statistic measured since the last update
 
     # ---------------------------------------------------------------- what the penalty is
@@ -271,53 +285,108 @@ class TargetSparsity(Penalty):
         s = self.statistic
         if not bool(torch.isfinite(s).all()):
             return  # a NaN batch moves nothing (the penalty itself reports it)
-        error = ((s - self.target) / self.target).clamp(max=1.0)
-        # anti-windup: while a direction is held (the statistic did not answer it), no step that way
-        # (per unit: the held direction is that of the mean error, and so is its release)
-        if float(self.held) * float(error.mean()) < 0:
-            self.held = torch.zeros_like(self.held)  # the statistic crossed the target: released
+        raw = (s - self.target) / self.target  # the progress check compares these, unclipped
+        error = raw.clamp(max=1.0)
+        if self.held.shape != error.shape:  # per unit: one held direction and one anchor per unit
+            self.held = self.held.expand_as(error).clone()
+            self.held_since = self.held_since.expand(error.shape).clone()
+            self.anchor_log_weight = self.log_weight.clone()
+            self.anchor_error = torch.full_like(error, math.nan)
+        # anti-windup: a direction that is held (the statistic did not answer it) takes no step,
+        # until the statistic crosses the target (the error changes sign)
+        self.held = torch.where(self.held * error < 0, torch.zeros_like(self.held), self.held)
         error = torch.where(self.held * error > 0, torch.zeros_like(error), error)
         lo, hi = math.log(self.min_weight), math.log(self.max_weight)
         self.log_weight = (self.log_weight + self.rate_of_change * error).clamp(lo, hi)
         self.updates += 1
-        if int(self.updates) % self.window == 0:
-            self._check_progress(float(error.mean()))
+        if int(self.updates) == 1:  # the first check compares with the first step
+            self._set_anchor(raw)
+        elif int(self.updates) % self.window == 0:
+            self._check_progress(raw)
 
-    def _check_progress(self, error: float) -> None:
-        """Every ``window`` steps: warn when λ moved 10× one way without moving the statistic."""
-        _, log_w0, error0 = self.anchor.tolist()
-        log_w = float(self.log_weight.mean())
-        self.anchor = torch.tensor([float(self.updates), log_w, error], dtype=torch.float64,
-                                   device=self.anchor.device)
-        if math.isnan(error0):
-            return
-        rose, s = log_w - log_w0, float(self.statistic.mean())
+    def _set_anchor(self, error: Tensor) -> None:
+        self.anchor_step = self.updates.clone()
+        self.anchor_log_weight = self.log_weight.clone()
+        self.anchor_error = error.clone()
+
+    def _check_progress(self, error: Tensor) -> None:
+        """Every ``window`` steps, per coefficient, against the anchor (the last check at which
+        the statistic made progress, or at which a direction was held): a statistic that moved a
+        tenth of the way to the target (or crossed it) made progress; a coefficient that moved 10×
+        one way since the anchor without progress has its direction held until the next check,
+        with a warning that gives the numbers. A hold lasts while the statistic makes any progress (2 % of
+        the way: the model is catching up), until it crosses the target (in :meth:`step`), or until
+        :data:`HOLD_WINDOWS` windows pass without progress, so that λ may move again where holding
+        it does not help. ``error`` is the relative error (s − s*)/s*, unclipped."""
+        rose = self.log_weight - self.anchor_log_weight
+        error0 = self.anchor_error
+        progress = (error.abs() <= 0.9 * error0.abs()) | (error * error0 <= 0) | torch.isnan(error0)
+        # a held direction stays held while the statistic answers (progress toward the target: the
+        # model is catching up); it is released at the crossing (in step()) or after HOLD_WINDOWS
+        # windows without any progress, so that λ may move again
+        answering = (error.abs() <= 0.98 * error0.abs()) | (error * error0 <= 0)  # any progress at all
+        self.held_since = torch.where((self.held != 0) & answering, self.updates.to(self.held_since), self.held_since)
+        expired = (self.updates - self.held_since) >= HOLD_WINDOWS * self.window
+        self.held = torch.where(expired, torch.zeros_like(self.held), self.held)
+        far = math.log(10)
+        saturated = ~progress & (rose >= far) & (error > 0.05)
+        too_sparse = ~progress & (rose <= -far) & (error < -0.05)
+        self.held = torch.where(saturated, torch.ones_like(self.held),
+                                torch.where(too_sparse, -torch.ones_like(self.held), self.held))
+        self.held_since = torch.where(saturated | too_sparse, self.updates.to(self.held_since), self.held_since)
+        steps = int(self.updates - self.anchor_step)
+        reset = progress | saturated | too_sparse  # the others keep their anchor: more steps to judge
+        self.anchor_step = torch.where(reset.all(), self.updates, self.anchor_step)
+        self.anchor_log_weight = torch.where(reset, self.log_weight, self.anchor_log_weight)
+        self.anchor_error = torch.where(reset, error, self.anchor_error)
         name = "L0" if self.statistic_name == "l0" else self.statistic_name
-        what = f"{name} {'per unit ' if self.per_unit else ''}"
-        if rose >= math.log(10) and error > 0.05 and error > 0.9 * error0:
-            self.held = torch.ones_like(self.held)
-            self._warn(f"the coefficient rose {math.exp(rose):.3g}x (to {math.exp(log_w):.3g}) over the last "
-                       f"{self.window} steps, but the {what}moved only from {self.target * (1 + error0):.4g} to "
-                       f"{s:.4g} (target {self.target:g}): raising the penalty no longer moves the statistic "
-                       f"(saturation). Try another penalty, or a target the model can reach")
-        elif rose <= -math.log(10) and error < -0.05 and error < 0.9 * error0:
-            self.held = -torch.ones_like(self.held)
-            self._warn(f"the coefficient fell {math.exp(-rose):.3g}x (to {math.exp(log_w):.3g}) over the last "
-                       f"{self.window} steps, but the {what}stays below the target ({s:.4g}, target "
-                       f"{self.target:g}): the code is sparser than asked even with almost no penalty")
+        for mask, kind in ((saturated, "saturated"), (too_sparse, "too_sparse")):
+            if not bool(mask.any()):
+                continue
+            lw = self.log_weight[mask] if self.per_unit else self.log_weight.reshape(1)
+            s = self.statistic[mask] if self.per_unit else self.statistic.reshape(1)
+            moved = float(rose[mask].abs().max())
+            who = f"{int(mask.sum())} of {mask.numel()} units: " if self.per_unit else ""
+            if kind == "saturated":
+                self._warn(f"{who}the coefficient rose {math.exp(moved):.3g}x (to {float(lw.exp().max()):.3g}) over "
+                           f"the last {steps} steps, but the {name} is still {float(s.mean()):.4g} (target "
+                           f"{self.target:g}): raising the penalty no longer moves the statistic (saturation); "
+                           "its increase is held until the statistic crosses the target")
+            else:
+                self._warn(f"{who}the coefficient fell {math.exp(moved):.3g}x (to {float(lw.exp().min()):.3g}) over "
+                           f"the last {steps} steps, but the {name} stays below the target ({float(s.mean()):.4g}, "
+                           f"target {self.target:g}): the code is sparser than asked even with almost no penalty "
+                           "(dead units?); its decrease is held until the statistic crosses the target")
 
     def _warn(self, message: str) -> None:
         warnings.warn(f"{type(self.inner).__name__}.toward({self.statistic_name}={self.target:g}): {message}",
                       TargetNotReachedWarning, stacklevel=4)
 
     # ---------------------------------------------------------------- state
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to()``, ``.float()``, ``.half()``... move the controller's state to the new device but
+        keep its dtypes: λ and the statistic stay float64 (a model cast to float32 for its data
+        must not round the coefficient, or a resumed run would differ)."""
+        own = {name: b for name, b in self._buffers.items() if b is not None}
+        for name in own:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.zeros((), dtype=torch.float64))
+            device = probe.device if isinstance(probe, Tensor) else None
+            for name, b in own.items():
+                self._buffers[name] = b.to(device) if device is not None else b
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any):  # type: ignore[override]
         key = prefix + "log_weight"
         if key in state_dict and state_dict[key].shape != self.log_weight.shape:
             self.log_weight = torch.empty_like(state_dict[key], device=self.log_weight.device)
-        key = prefix + "statistic"
-        if key in state_dict and state_dict[key].shape != self.statistic.shape:
-            self.statistic = torch.empty_like(state_dict[key], device=self.statistic.device)
+        for name in ("statistic", "held", "held_since", "anchor_log_weight", "anchor_error"):  # () or (units,)
+            key, mine = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].shape != mine.shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

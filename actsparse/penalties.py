@@ -229,7 +229,8 @@ class PenaltyOf(Penalty):
         if not callable(fn):
             raise TypeError(f"Penalty.of() takes a function of the activations (e.g. torch.relu), got "
                             f"{type(fn).__name__}")
-        super().__init__(1.0, unit_dim=inner.unit_dim, check=inner.check)
+        # the weight is inner's (forward applies inner's own): a controller starts from it
+        super().__init__(inner.weight, unit_dim=inner.unit_dim, check=inner.check)
         self.inner, self.fn = inner, fn
 
     @property

@@ -238,6 +238,32 @@ def _final_metrics(run_dir: Path, result) -> dict:
         return {}
 
 
+def control_figure(history: list[dict], target: float, statistic: str):
+    """A controlled run (``--target-*``): the statistic the controller holds, per logged step, with
+    its target (top), and the coefficient it adapted (bottom, log scale), on one step axis. The
+    statistic is the one the controller measured on each step's batch in training mode (for
+    ``--per-unit``: the mean over units, and the geometric mean of the coefficients)."""
+    plt = _plt()
+    rows = [h for h in history if _finite(h.get("statistic")) and _finite(h.get("coefficient"))]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    steps = [h["step"] for h in rows]
+    name = {"l0": "L0 (active units per sample)", "rate": "firing rate", "mean": "mean activation ρ̂"}[statistic]
+    top.plot(steps, [h["statistic"] for h in rows], color="tab:blue", lw=1.2, label=f"{name}, step's batch")
+    top.axhline(target, color="tab:red", ls="--", lw=1.2, label=f"target {target:g}")
+    top.set_ylabel(name)
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(steps, [h["coefficient"] for h in rows], color="tab:green", lw=1.2)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("coefficient (log scale)")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3, which="both")
+    end = f"ends at {rows[-1]['coefficient']:.4g}" if rows else "no logged step"
+    fig.suptitle(f"The statistic held to its target, and the coefficient adapted for it ({end})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def write_figures(run_dir: Path, result, data, cfg=None) -> list[str]:
     """All figures of a finished run; returns the file names written.
 
@@ -270,6 +296,10 @@ def write_figures(run_dir: Path, result, data, cfg=None) -> list[str]:
                                      f"strata of {where} ({data.x.shape[0]:,}) by input variance, lowest first")
         written += ["filters.png", "reconstructions.png"]
     cfg = cfg if cfg is not None else _run_config(run_dir)
+    control = cfg.control() if cfg is not None else None
+    if control is not None and result.history:
+        _save(control_figure(result.history, control[1], control[0]), run_dir / "control.png")
+        written.append("control.png")
     if cfg is not None:
         x = training_split(data, cfg)
         samples = f"on the training split ({x.shape[0]:,} samples, eval mode), as metrics.json's mean_activation"

@@ -51,6 +51,9 @@ CAPTIONS = {
     "reconstructions.png": "Inputs and the model's reconstructions of them, on one grey scale: the data ordered by "
                            "input variance and cut into 20 equal strata, one input drawn at random (seed 0) from "
                            "each, lowest variance first; a representative sample, not a chosen one.",
+    "control.png": "The sparsity statistic held to its target (--target-*), measured on each logged step's batch "
+                   "in training mode (top), and the penalty's coefficient the controller adapted for it (bottom, log "
+                   "scale). With --per-unit: the mean over units and the geometric mean of the coefficients.",
     "rho_hat.png": "Histogram of ρ̂_j, the mean activation of each unit over the training split in eval mode (their "
                    "mean is metrics.json's mean_activation).",
 }
@@ -73,6 +76,7 @@ METRIC_NOTES = {
     "val_reconstruction": "validation reconstruction loss (no penalty)",
     "val_fvu": "validation FVU",
     "mmcs": "mean max cosine similarity to the true features",
+    "coefficient": "the penalty's coefficient at the end, adapted by --target-* (geometric mean per unit)",
     "data": "data source",
 }
 
@@ -332,7 +336,8 @@ def write_report(run_dir: str | Path) -> Path:
     svg = _units_svg(rho, firing, order, target, on_label, mark_dead=not sigmoid).encode()
     figs = [_figure(_data_uri("image/svg+xml", svg), unit_cap, "rho_hat per unit, sorted", (900, 330))
             .replace("<figure>", '<figure class="wide">', 1)]
-    known = ["loss.png", "filters.png", "rho_hat.png", "reconstructions.png"]  # then any other PNG by name
+    # then any other PNG by name
+    known = ["loss.png", "filters.png", "rho_hat.png", "reconstructions.png", "control.png"]
     pngs = sorted((p for p in run_dir.glob("*.png") if p.is_file()),
                   key=lambda p: (known.index(p.name) if p.name in known else len(known), p.name))
     names = {p.name for p in pngs}

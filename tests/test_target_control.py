@@ -253,6 +253,13 @@ def test_resume_is_bit_identical():
     assert float(again.penalty.log_weight) == float(whole.penalty.log_weight)
 
 
+def test_casting_the_model_keeps_the_controller_in_float64():
+    model = _sae(L1(1e-2).toward(l0=5.0)).float()
+    assert model.penalty.log_weight.dtype == torch.float64 and model.W_enc.dtype == torch.float32
+    model.half()
+    assert model.penalty.log_weight.dtype == torch.float64 and model.W_enc.dtype == torch.float16
+
+
 def test_per_unit_state_round_trips():
     ctrl = BernoulliKL(0.05, weight=3.0).toward(mean=0.05, per_unit=True)
     ctrl(torch.rand(8, 5, dtype=torch.float64, requires_grad=True))
@@ -335,3 +342,114 @@ def test_frequency_kl_with_a_learned_threshold_measures_above_it():
     a = torch.tensor([[1.0, 1.0, 1.0], [0.4, 0.0, 3.0]], dtype=torch.float64, requires_grad=True)
     ctrl(a)
     np.testing.assert_allclose(ctrl.statistic.numpy(), [0.5, 0.5, 0.5])
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def _metrics(run):
+    import json
+
+    log = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    return log, json.loads((run / "metrics.json").read_text())
+
+
+def test_cli_logs_plots_and_prints_the_controlled_statistic(tmp_path, capsys):
+    from actsparse.cli import main
+
+    args = ["train", "--data", "synthetic", "--samples", "1200", "--hidden", "32", "--activation", "relu",
+            "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3", "--target-l0", "6", "--optimizer", "adam",
+            "--epochs", "3", "--out", str(tmp_path), "--name", "c", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    run = tmp_path / "c"
+    log, metrics = _metrics(run)
+    assert all("coefficient" in r and "statistic" in r for r in log)
+    assert metrics["coefficient"] == pytest.approx(log[-1]["coefficient"], rel=1e-12)
+    # the coefficient follows the update rule from the logged statistics: it moved up from 1e-3 (L0 starts > 6)
+    assert log[-1]["coefficient"] > 1e-3
+    assert (run / "control.png").is_file()
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("trained "))
+    assert "(target 6, coefficient" in line and "from 0.001" in line, line
+
+
+def test_cli_resume_of_a_controlled_lbfgs_run_is_bit_identical(tmp_path):
+    """L-BFGS steps the controller once per iteration and re-evaluates after it: stopping at 6 and
+    resuming to 12 gives the weights and λ of 12 iterations in one go, bit for bit."""
+    from safetensors.torch import load_file
+
+    from actsparse.cli import main
+
+    common = ["--samples", "400", "--hidden", "8", "--target-mean", "0.05", "--target", "0.05", "--out", str(tmp_path),
+              "--no-progress", "--no-plots", "--threads", "1"]
+    assert main(["train", *common, "--name", "whole", "--iterations", "12"]) == 0
+    assert main(["train", *common, "--name", "parts", "--iterations", "6"]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path), "--name", "parts", "--iterations", "12",
+                 "--no-progress", "--no-plots"]) == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("whole", "parts"))
+    assert set(a) == set(b) and "penalty.log_weight" in a
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert a["penalty.log_weight"].dtype == torch.float64  # λ is not rounded to the model's float32
+    assert float(a["penalty.log_weight"]) != math.log(3.0)  # it moved
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"target_l0": 4, "target_mean": 0.1}, "give one target"),
+    ({"target_l0": 4, "penalty": None}, "needs a --penalty"),
+    ({"target_l0": 4}, "sigmoid units always are"),
+    ({"target_rate": 1.5, "activation": "relu"}, r"\(0, 1\)"),
+    ({"target_l0": 40, "activation": "relu"}, "more than the 25 hidden units"),
+    ({"per_unit": True}, "applies to --target-rate"),
+    ({"target_l0": 4, "per_unit": True, "activation": "relu"}, "--per-unit holds each unit"),
+    ({"target_rate": 0.1, "per_unit": True, "activation": "relu", "penalty": "hoyer"}, "not hoyer"),
+    ({"target_mean": 0.1, "weight": 0.0}, "starting coefficient"),
+    ({"target_l0": 4, "activation": "topk", "k": 4, "decoder": "linear"}, "nothing to adapt"),
+    ({"target_mean": 0.1, "control_rate": 0.0}, "control-rate"),
+    ({"target_mean": -1.0}, "finite number > 0"),
+])
+def test_config_refuses_what_cannot_be_controlled(fields, match):
+    from actsparse.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**fields)
+
+
+def test_cli_flag_error_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "actsparse", "train", "--target-l0", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "sigmoid units always are" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_control_figure_draws_the_logged_numbers():
+    from actsparse import plots
+
+    hist = [{"step": s, "statistic": 10.0 / s, "coefficient": 1e-3 * s} for s in range(1, 6)]
+    fig = plots.control_figure(hist, 4.0, "l0")
+    top, bottom = fig.axes
+    assert list(top.get_lines()[0].get_ydata()) == [10.0 / s for s in range(1, 6)]
+    assert list(top.get_lines()[1].get_ydata()) == [4.0, 4.0]
+    assert list(bottom.get_lines()[0].get_ydata()) == [1e-3 * s for s in range(1, 6)]
+    assert bottom.get_yscale() == "log"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_benchmark_smoke_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_target_control.py"
+    out = tmp_path / "tc.json"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] is True and set(res) >= {"relu_l1", "sweep", "classic", "seed001", "conv"}
+    assert all("l0" in v for per in res["relu_l1"].values() for v in per.values())
