@@ -291,20 +291,20 @@ def mean_activation(a: Tensor, unit_dim: int = -1) -> Tensor:
     return a.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
 
-def rectangle_window(a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def rectangle_window(a: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """K((a − θ)/ε) as a bool tensor, with the rectangle kernel K(u) = 1{|u| < 1/2}."""
     u = (a - threshold) / bandwidth
     return (u > -0.5) & (u < 0.5)
 
 
-def rectangle_kernel(a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def rectangle_kernel(a: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """(1/ε)·K((a − θ)/ε) with the rectangle kernel K(u) = 1{|u| < 1/2}: the pseudo-derivative of
     H(a − θ) (Rajamanoharan et al. 2024, eq. 11). Shared by the frequency penalty and JumpReLU."""
     return _kernel(rectangle_window(a, threshold, bandwidth), a.dtype, bandwidth)
 
 
-def _kernel(window: Tensor, dtype: torch.dtype, bandwidth: float) -> Tensor:
-    return window.to(dtype) / bandwidth
+def _kernel(window: Tensor, dtype: torch.dtype, bandwidth: float | Tensor) -> Tensor:
+    return window.to(dtype) / (bandwidth.to(dtype) if isinstance(bandwidth, Tensor) else bandwidth)
 
 
 class _HeavisideST(torch.autograd.Function):
@@ -316,7 +316,7 @@ class _HeavisideST(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:  # type: ignore[override]
         # Keep the window (bool), not a: a layer after the hooked one may overwrite a in place
         # (nn.ReLU(inplace=True)), which would make a saved a unusable in backward.
         if any(ctx.needs_input_grad[:2]):
@@ -339,7 +339,7 @@ def activation_frequency(
     a: Tensor,
     threshold: float | Tensor = 0.0,
     unit_dim: int = -1,
-    bandwidth: float = DEFAULT_BANDWIDTH,
+    bandwidth: float | Tensor = DEFAULT_BANDWIDTH,
 ) -> Tensor:
     """f̂_j: the fraction of samples (and positions) in which unit ``j`` fires, ``a > threshold``.
 
@@ -354,7 +354,8 @@ def activation_frequency(
         threshold: θ, a float or a tensor broadcastable to ``a``; a ``(units,)`` vector is aligned
             with ``unit_dim``. May be a learnable parameter (JumpReLU).
         unit_dim: the unit axis.
-        bandwidth: ε > 0, width of the pseudo-gradient window, in the units of ``a``.
+        bandwidth: ε > 0, width of the pseudo-gradient window, in the units of ``a``: a float,
+            or a ``(units,)`` tensor (one width per unit, aligned with ``unit_dim``; no gradient).
 
     Returns:
         ``(units,)`` in float32 (float64 for float64 input), values in [0, 1].
@@ -371,7 +372,11 @@ def activation_frequency(
     else:
         check_threshold(threshold)
         th = torch.tensor(float(threshold), device=a.device, dtype=a.dtype)
-    fired = _HeavisideST.apply(a, th, float(bandwidth))
+    if isinstance(bandwidth, Tensor):
+        eps = unit_view(bandwidth.detach().to(device=a.device, dtype=a.dtype), a, unit_dim)
+    else:
+        eps = float(bandwidth)
+    fired = _HeavisideST.apply(a, th, eps)
     return fired.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
 

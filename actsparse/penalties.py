@@ -481,7 +481,12 @@ class FrequencyKL(RatePenalty):
             whose activations all lie outside the window (always far above θ, or never near
             it) gets no gradient at all, however large its penalty: pick ε on the scale of the
             activations, and switch the penalty on after a short warm-up with the
-            reconstruction loss alone (seed 001: ε = 0.3, warm-up 300 steps).
+            reconstruction loss alone (seed 001: ε = 0.3, warm-up 300 steps). ``"auto"``: one
+            width per unit from each batch (twice the distance from θ to the unit's
+            (1 − ρ)-quantile, plus a tenth of its standard deviation), so that the window always
+            reaches the samples that must cross θ. Under DDP each process takes the quantile of
+            its own batch (the frequency itself is global), so ranks may use slightly different
+            windows.
         eps: clamp of f̂ into [eps, 1 − eps] (straight-through). Default ``min(0.01, target/2)``:
             frequencies of exactly 0 or 1 are common, and a tiny eps gives them a huge slope.
         unit_dim, momentum, check: as for :class:`RatePenalty`.
@@ -493,7 +498,7 @@ class FrequencyKL(RatePenalty):
         weight: float = 1.0,
         threshold: float | Tensor = 0.0,
         *,
-        bandwidth: float = F.DEFAULT_BANDWIDTH,
+        bandwidth: float | str = F.DEFAULT_BANDWIDTH,
         unit_dim: int = -1,
         momentum: float | None = None,
         eps: float | None = None,
@@ -508,8 +513,13 @@ class FrequencyKL(RatePenalty):
         super().__init__(
             target, weight, unit_dim=unit_dim, momentum=momentum, eps=eps, check=check
         )
-        F.check_positive("bandwidth", bandwidth)
-        self.bandwidth = float(bandwidth)
+        if isinstance(bandwidth, str):
+            if bandwidth != "auto":
+                raise ValueError(f"bandwidth must be a number > 0 or 'auto', got {bandwidth!r}")
+        else:
+            F.check_positive("bandwidth", bandwidth)
+            bandwidth = float(bandwidth)
+        self.bandwidth: float | str = bandwidth
         F.check_threshold(threshold)
         # A tensor threshold (e.g. a JumpReLU's learned θ) is referenced, not owned: it stays a
         # parameter of your model only, so it is not registered here.
@@ -520,7 +530,7 @@ class FrequencyKL(RatePenalty):
         return self.firing_threshold
 
     def rate(self, a: Tensor) -> Tensor:
-        rate = F.activation_frequency(a, self.firing_threshold, self.unit_dim, self.bandwidth)
+        rate = F.activation_frequency(a, self.firing_threshold, self.unit_dim, self._bandwidth_for(a))
         if self.check:
             # a NaN activation compares as "not firing", so the frequency alone would hide it: carry it
             # into the value (one isnan pass, no extra host sync), where the result's finite check names it
@@ -530,10 +540,28 @@ class FrequencyKL(RatePenalty):
     def divergence(self, rate: Tensor, reduction: str = "sum") -> Tensor:
         return F.bernoulli_kl(self.target, rate, reduction=reduction, eps=self.eps, check=False)
 
+    @torch.no_grad()
+    def _bandwidth_for(self, a: Tensor) -> float | Tensor:
+        """ε, or with ``bandwidth="auto"`` one width per unit from this batch: twice the distance
+        from θ to the unit's (1 − ρ)-quantile, plus a tenth of its standard deviation. The window
+        then reaches every sample that must cross θ for the unit to fire at rate ρ: those between
+        θ and the quantile (above θ when it fires too often, below when too rarely), so a unit
+        that always or never fires still gets a gradient."""
+        if not isinstance(self.bandwidth, str):
+            return self.bandwidth
+        d = F.normalize_unit_dim(a, self.unit_dim)
+        z = a.detach().movedim(d, -1).reshape(-1, a.shape[d]).to(F._compute_dtype(a.dtype))
+        q = torch.quantile(z, 1.0 - self.target, dim=0)
+        th = self.firing_threshold
+        th = th.detach().to(z) if isinstance(th, Tensor) else th
+        eps = 2.0 * (q - th).abs() + 0.1 * z.std(dim=0, unbiased=False)
+        return eps.clamp_min(1e-6)
+
     def extra_repr(self) -> str:
         th = self.firing_threshold
         th_s = f"{th:g}" if isinstance(th, float) else f"tensor{tuple(th.shape)}"
-        return f"{super().extra_repr()}, threshold={th_s}, bandwidth={self.bandwidth:g}"
+        bw = self.bandwidth if isinstance(self.bandwidth, str) else f"{self.bandwidth:g}"
+        return f"{super().extra_repr()}, threshold={th_s}, bandwidth={bw}"
 
 
 class L1(Penalty):

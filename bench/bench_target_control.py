@@ -3,7 +3,7 @@
 Every figure is measured at the end of training, in eval mode, on held-out data, over seeds:
 
 * ``relu_l1``: a ReLU SAE + L1 (32 → 128, linear decoder with unit-norm rows, Adam, lr 1e-3,
-  batch 256, 20 epochs of 16,384 rows of ``make_synthetic(d=32, features=128, active=8)``) with
+  batch 256, 40 epochs (2,560 steps) of 16,384 rows of ``make_synthetic(d=32, features=128, active=8)``) with
   ``L1(1e-3).toward(l0=...)``, targets 4, 8, 16, 32; L0 on 4,096 held-out rows.
 * ``sweep``: the same SAE with a fixed λ, 10 values log-spaced over 2e-3..6e-2; its (L0, FVU) curve on
   the held-out rows, against which each controlled run's FVU is compared at its own L0
@@ -12,11 +12,13 @@ Every figure is measured at the end of training, in eval mode, on held-out data,
   ρ̂ on the 1,000 held-out validation rows; the filters' localisation index.
 * ``seed001``: the user's 20-80-40-4-40-80-20 ReLU network (examples/seed001_frequency_kl.py),
   each bottleneck unit held at firing rate 0.2 (``rate=0.2, per_unit=True``) from step 0, with no
-  warm-up, by ``FrequencyKL`` with its default bandwidth and by L1 of the ReLU's output.
+  warm-up, by ``FrequencyKL`` with its default bandwidth, with ``bandwidth="auto"``, and by L1 of
+  the ReLU's output.
 * ``conv``: a small conv net classifying scikit-learn's digits, L1 on its 8 conv channels held at
   firing rate 0.1 per channel (``unit_dim=1``).
 
-Run: ``python bench/bench_target_control.py [--seeds 0 1 2]`` (a few minutes on 2 cores);
+Run: ``python bench/bench_target_control.py [--seeds 0 1 2] [--parts relu_l1 classic seed001 conv]``
+(about 9 minutes on 2 cores);
 ``--smoke`` runs a tiny version. Writes ``bench/results/target_control.json`` and the figure
 ``--png`` (default ``docs/img/target-control-sweep.png``).
 """
@@ -134,6 +136,9 @@ def seed001_run(seed: int, penalty: str, steps: int) -> dict[str, Any]:
     model = ex.SparseAutoencoder()
     if penalty == "frequency_kl":  # FrequencyKL's own bandwidth (0.1): nothing tuned
         p = actsparse.FrequencyKL(0.2, weight=0.1).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
+    elif penalty == "frequency_kl_auto":  # one window per unit from each batch's quantile: nothing tuned
+        p = actsparse.FrequencyKL(0.2, weight=0.1, bandwidth="auto").toward(rate=0.2, per_unit=True,
+                                                                           rate_of_change=0.02)
     else:  # L1 of relu(z): units above the rate are pushed down, the others are left alone
         p = actsparse.L1(1e-3).of(torch.relu).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
     reg = actsparse.attach(model, {"enc3": p})
@@ -236,9 +241,12 @@ def sweep_figure(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0],
                       seeds={"type": int, "nargs": "+", "default": [0, 1, 2], "help": "seeds (default 0 1 2)"},
-                      png={"type": str, "default": str(ROOT / "docs" / "img" / "target-control-sweep.png")})
+                      png={"type": str, "default": str(ROOT / "docs" / "img" / "target-control-sweep.png")},
+                      parts={"nargs": "+", "default": ["relu_l1", "classic", "seed001", "conv"],
+                             "help": "which parts to run (default: all)"})
+    parts = set(args.parts)
     seeds = args.seeds[:1] if args.smoke else args.seeds
-    n, epochs = (2048, 2) if args.smoke else (16384, 20)
+    n, epochs = (2048, 2) if args.smoke else (16384, 40)
     targets = [8.0] if args.smoke else [4.0, 8.0, 16.0, 32.0]
     sweep_weights = SWEEP[::4] if args.smoke else SWEEP
     iterations, steps001, steps_conv = (20, 100, 50) if args.smoke else (400, 3000, 2000)
@@ -247,12 +255,12 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    for seed in seeds:
+    for seed in seeds if "relu_l1" in parts else ():
         out["sweep"][str(seed)] = pts = []
         for w in sweep_weights:
             pts.append({"weight": w, **sae_run(seed, n, epochs, w, None)})
             log(f"sweep seed {seed} λ {w:.3g}: L0 {pts[-1]['l0']:.2f}, FVU {pts[-1]['fvu']:.4f}")
-    for t in targets:
+    for t in targets if "relu_l1" in parts else ():
         out["relu_l1"][f"{t:g}"] = per = {}
         for seed in seeds:
             r = sae_run(seed, n, epochs, 1e-3, t)
@@ -260,18 +268,18 @@ def main() -> None:
             per[str(seed)] = r
             log(f"target L0 {t:g} seed {seed}: L0 {r['l0']:.3f} ({(r['l0'] / t - 1) * 100:+.1f} %), FVU {r['fvu']:.4f}"
                 f" vs sweep {r['sweep_fvu_at_l0']}, λ {r['coefficient']:.4g}")
-    for seed in seeds:
+    for seed in seeds if "classic" in parts else ():
         out["classic"][str(seed)] = r = classic_run(seed, iterations)
         log(f"classic seed {seed}: ρ̂ validation {r['mean_activation_val']:.5f}, training "
             f"{r['mean_activation_train']:.5f}, β {r['coefficient']:.3g}, localisation median "
             f"{r['localisation_median']:.3f}, {r['localised']}/25 localised, FVU {r['fvu']:.3f}")
-    for penalty in ("frequency_kl", "l1"):
+    for penalty in ("frequency_kl", "frequency_kl_auto", "l1") if "seed001" in parts else ():
         out["seed001"][penalty] = per = {}
         for seed in seeds:
             per[str(seed)] = r = seed001_run(seed, penalty, steps001)
             log(f"seed001 {penalty} seed {seed}: rates {[round(v, 3) for v in r['rates']]}, "
                 f"max |rate − 0.2| {r['max_error']:.3f}, MSE {r['mse']:.4f} (mean predictor {r['mean_mse']:.4f})")
-    for seed in seeds:
+    for seed in seeds if "conv" in parts else ():
         out["conv"][str(seed)] = r = conv_run(seed, steps_conv)
         log(f"conv seed {seed}: channel rates {[round(v, 3) for v in r['rates']]}, max |rate − 0.1| "
             f"{r['max_error']:.3f}, accuracy {r['accuracy']:.3f}")
@@ -287,7 +295,7 @@ def main() -> None:
         log(f"| {t} | {', '.join(f'{v:.2f}' for v in l0s)} | {worst * 100:.1f} % | "
             f"{statistics.median(r['fvu'] for r in per.values()):.4f} | {shown} | "
             f"{', '.join(f'{v * 100:+.1f} %' for v in rel)} |")
-    if not args.smoke and args.png:
+    if not args.smoke and args.png and out["relu_l1"]:
         sweep_figure(out, Path(args.png))
         log(f"figure: {args.png}")
     for per in out["relu_l1"].values():  # the trajectories are long: keep them out of the JSON

@@ -453,3 +453,42 @@ def test_benchmark_smoke_run(tmp_path):
     res = json.loads(out.read_text())
     assert res["smoke"] is True and set(res) >= {"relu_l1", "sweep", "classic", "seed001", "conv"}
     assert all("l0" in v for per in res["relu_l1"].values() for v in per.values())
+
+
+# ------------------------------------------------------------------------------- per-unit bandwidth
+
+
+def test_per_unit_bandwidth_equals_one_call_per_unit():
+    """activation_frequency with a (units,) bandwidth: each unit's value and gradient are those of a
+    call on that unit alone with its own float bandwidth."""
+    from actsparse.functional import activation_frequency
+
+    a = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
+    eps = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
+    f = activation_frequency(a, 0.0, -1, eps)
+    (g,) = torch.autograd.grad((f * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum(), a)
+    for j in range(3):
+        x = a.detach()[:, j:j + 1].clone().requires_grad_()
+        fj = activation_frequency(x, 0.0, -1, float(eps[j]))
+        (gj,) = torch.autograd.grad(fj.sum() * (j + 1), x)
+        assert float(f[j]) == float(fj[0])
+        torch.testing.assert_close(g[:, j:j + 1], gj, rtol=0, atol=0)
+
+
+def test_auto_bandwidth_reaches_the_quantile():
+    """bandwidth="auto": ε_j = 2|q_j − θ| + 0.1·std_j with q_j the (1 − ρ)-quantile (NumPy), so a unit
+    that always fires still gets a gradient, which a fixed ε = 0.1 gives it not."""
+    z = torch.rand(200, 2, dtype=torch.float64) + torch.tensor([0.5, -2.0], dtype=torch.float64)  # always / never on
+    p = FrequencyKL(0.2, weight=1.0, bandwidth="auto")
+    eps = p._bandwidth_for(z)
+    zn = z.numpy()
+    ref = 2 * np.abs(np.quantile(zn, 0.8, axis=0)) + 0.1 * zn.std(axis=0)
+    np.testing.assert_allclose(eps.numpy(), ref, rtol=1e-12)
+    x = z.clone().requires_grad_()
+    (g,) = torch.autograd.grad(p(x), x)
+    assert bool((g[:, 0] != 0).any()) and bool((g[:, 1] != 0).any())
+    y = z.clone().requires_grad_()
+    (g_fixed,) = torch.autograd.grad(FrequencyKL(0.2, weight=1.0)(y), y)
+    assert bool((g_fixed == 0).all())
+    with pytest.raises(ValueError, match="'auto'"):
+        FrequencyKL(0.2, bandwidth="wide")
