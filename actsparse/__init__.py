@@ -23,7 +23,7 @@ _EXPORTS = {
     "GradientReport": "diagnose", "gradient_report": "diagnose",
     "relative_gradient_error": "gradcheck",
     "KLSparseReg": "identity_attach",
-    "L1": "penalties", "L2": "penalties", "PENALTIES": "penalties", "BernoulliKL": "penalties",
+    "L0": "penalties", "L1": "penalties", "L2": "penalties", "PENALTIES": "penalties", "BernoulliKL": "penalties",
     "FrequencyKL": "penalties", "Hoyer": "penalties", "Penalty": "penalties", "PenaltyOf": "penalties",
     "PenaltySum": "penalties",
     "PoissonKL": "penalties", "RatePenalty": "penalties", "get_penalty": "penalties",
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .gradcheck import relative_gradient_error
     from .identity_attach import KLSparseReg
     from .penalties import (
+        L0,
         L1,
         L2,
         PENALTIES,
@@ -93,6 +94,7 @@ __all__ = [
     "BernoulliKL",
     "PoissonKL",
     "FrequencyKL",
+    "L0",
     "L1",
     "L2",
     "Hoyer",

@@ -88,8 +88,9 @@ class TrainConfig:
     penalty: str | None = "kl"
     """Sparsity penalty on the hidden code: ``kl`` or ``bernoulli_kl`` (KL of the mean
     activation, for sigmoid units in [0, 1]), ``poisson_kl`` (generalised KL, for ReLU units),
-    ``frequency_kl`` (KL of how often a unit fires, see ``--threshold``), ``l1``, ``l2``,
-    ``hoyer``, or ``none``."""
+    ``frequency_kl`` (KL of how often a unit fires, see ``--threshold``), ``l0`` (active units
+    per sample; with ``--activation jumprelu`` it trains the learned thresholds, as in JumpReLU
+    SAEs), ``l1``, ``l2``, ``hoyer``, or ``none``."""
     target: float | None = None
     """Target ρ of the KL penalties: the mean activation (``kl``, ``poisson_kl``) or the firing
     frequency (``frequency_kl``). Default: 0.01; 0.1 for ``--data digits`` (the MNIST exercise of

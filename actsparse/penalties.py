@@ -28,6 +28,7 @@ __all__ = [
     "BernoulliKL",
     "PoissonKL",
     "FrequencyKL",
+    "L0",
     "L1",
     "L2",
     "Hoyer",
@@ -564,6 +565,89 @@ class FrequencyKL(RatePenalty):
         return f"{super().extra_repr()}, threshold={th_s}, bandwidth={bw}"
 
 
+class L0(Penalty):
+    """λ · Σ_j f̂_j: the number of units per sample (and position) above θ, with f̂_j the share of
+    samples in which unit j fires, ``a > θ`` — the L0 sparsity loss of JumpReLU SAEs
+    (Rajamanoharan et al. 2024, "Jumping Ahead: Improving reconstruction fidelity with JumpReLU
+    sparse autoencoders", eq. 9), with the straight-through pseudo-derivative of their eq. 11:
+    ∂H(a − θ)/∂θ := −(1/ε) K((a − θ)/ε), K the rectangle kernel (and +(1/ε) K for ``a``).
+
+    Args:
+        weight: λ.
+        threshold: θ: a float, a ``(units,)`` tensor, or a module with a ``threshold`` attribute
+            (a :class:`~actsparse.models.JumpReLU`), read anew at every call so that a learned θ
+            is always the current one. Default 0.
+        bandwidth: ε; default the module's ``bandwidth`` if it has one, else 0.1.
+        unit_dim, check: as for :class:`Penalty`.
+
+    A :class:`~actsparse.models.SparseAutoencoder` with a JumpReLU binds an ``L0`` whose threshold
+    is left at None to its JumpReLU and applies it to the *pre-activations*, detached: as in the
+    paper, the L0 term trains the thresholds only, with both sides of the kernel. Attached with
+    :func:`actsparse.attach` to a JumpReLU's output instead, it sees only the fired side (an
+    unfired unit's output is 0, not its pre-activation), so its gradient on θ is about half.
+    """
+
+    sum_over_units = True
+
+    def __init__(self, weight: float = 1.0, threshold: float | Tensor | nn.Module | None = None, *,
+                 bandwidth: float | None = None, unit_dim: int = -1, check: bool = True) -> None:
+        super().__init__(weight, unit_dim=unit_dim, check=check)
+        if bandwidth is not None:
+            F.check_positive("bandwidth", bandwidth)
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
+        self.bind(threshold)
+
+    def bind(self, threshold: float | Tensor | nn.Module | None) -> None:
+        """Set θ (a float, a tensor, or a module whose ``threshold`` is read at each call; None: 0
+        until a model binds its JumpReLU)."""
+        if isinstance(threshold, nn.Module):
+            if not hasattr(threshold, "threshold"):
+                raise TypeError(f"L0's threshold module must have a 'threshold' (a JumpReLU), got "
+                                f"{type(threshold).__name__}")
+        elif threshold is not None:
+            F.check_threshold(threshold)
+        # referenced, not owned: the module's θ stays a parameter of the model only
+        self.__dict__["_threshold"] = threshold
+
+    @property
+    def bound(self) -> bool:
+        return self.__dict__.get("_threshold") is not None
+
+    @property
+    def firing_threshold(self) -> float | Tensor:  # type: ignore[override]
+        th = self.__dict__.get("_threshold")
+        if isinstance(th, nn.Module):
+            return th.threshold
+        return 0.0 if th is None else (th if isinstance(th, Tensor) else float(th))
+
+    def _bandwidth(self) -> float:
+        if self.bandwidth is not None:
+            return self.bandwidth
+        th = self.__dict__.get("_threshold")
+        return float(getattr(th, "bandwidth", F.DEFAULT_BANDWIDTH)) if isinstance(th, nn.Module) \
+            else F.DEFAULT_BANDWIDTH
+
+    def _unit_values(self, a: Tensor) -> Tensor:
+        rate = F.activation_frequency(a, self.firing_threshold, self.unit_dim, self._bandwidth())
+        if self.check:  # a NaN activation compares as "not firing": carry it into the value (see FrequencyKL)
+            rate = rate + torch.where(torch.isnan(a).any(), float("nan"), 0.0)
+        return rate
+
+    def value(self, a: Tensor) -> Tensor:
+        out = self._unit_values(a).sum()
+        if self.check:
+            F.check_finite_result(out, a)
+        return out.to(a.dtype)
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.value(a) * self.weight
+
+    def extra_repr(self) -> str:
+        th = self.__dict__.get("_threshold")
+        shown = type(th).__name__ if isinstance(th, nn.Module) else ("tensor" if isinstance(th, Tensor) else th)
+        return f"{super().extra_repr()}, threshold={shown}"
+
+
 class L1(Penalty):
     """λ Σ|a| / batch: the activity L1 penalty (batch = ``a.shape[0]``, as Keras ≥ 3.14).
 
@@ -641,6 +725,7 @@ PENALTIES: dict[str, type[Penalty]] = {
     "bernoulli_kl": BernoulliKL,
     "poisson_kl": PoissonKL,
     "frequency_kl": FrequencyKL,
+    "l0": L0,
     "l1": L1,
     "l2": L2,
     "hoyer": Hoyer,

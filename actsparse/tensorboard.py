@@ -34,7 +34,8 @@ from torch import Tensor, nn
 __all__ = ["TensorBoardLogger", "MissingTensorBoard", "require_tensorboard", "tile_filters", "SCALARS", "SAMPLE"]
 
 #: The record keys logged as ``train/<key>`` scalars.
-SCALARS = ("loss", "reconstruction", "penalty", "weight_decay", "fvu", "l0", "mean_activation", "fraction_dead")
+SCALARS = ("loss", "reconstruction", "penalty", "weight_decay", "fvu", "l0", "mean_activation", "fraction_dead",
+           "val_reconstruction", "coefficient", "statistic")
 #: The most samples the ρ̂ histogram is computed on.
 SAMPLE = 4096
 #: The most units shown in the filter image (the first ones).

@@ -189,3 +189,25 @@ def test_tiny_gpt2_to_shards_to_two_process_sae(tmp_path):
     m = _same_run(tmp_path / "one", tmp_path / "two")
     assert m["fvu"] < 0.9 and m["processes"] == 2
     assert {p.name for p in (tmp_path / "one").glob("*.png")} == {p.name for p in (tmp_path / "two").glob("*.png")}
+
+
+CONTROLLED_RUN = ["train", "--data", "synthetic", "--samples", "1200", "--hidden", "32", "--activation", "relu",
+                  "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3", "--target-l0", "6",
+                  "--optimizer", "adam", "--lr", "3e-3", "--batch-size", "64", "--epochs", "6", "--no-progress",
+                  "--no-plots", "--threads", "1"]
+
+
+def test_torchrun_gives_the_one_process_coefficient_trajectory(tmp_path):
+    """`--target-l0` under torchrun with 2 processes: the controller sees the global batch's L0,
+    so the logged coefficient and statistic follow the one-process run's (global batch 64) to 1e-6."""
+    one = _single(*CONTROLLED_RUN, "--out", str(tmp_path), "--name", "one")
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*CONTROLLED_RUN, "--out", str(tmp_path), "--name", "two")
+    assert two.returncode == 0, two.stderr
+    logs = [[json.loads(s) for s in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) > 5
+    for ra, rb in zip(*logs):
+        assert rb["step"] == ra["step"]
+        assert rb["coefficient"] == pytest.approx(ra["coefficient"], rel=1e-6), ra["step"]
+        assert rb["statistic"] == pytest.approx(ra["statistic"], rel=1e-6), ra["step"]
+    assert logs[0][-1]["coefficient"] > 1.5e-3  # it moved

@@ -492,3 +492,65 @@ def test_auto_bandwidth_reaches_the_quantile():
     assert bool((g_fixed == 0).all())
     with pytest.raises(ValueError, match="'auto'"):
         FrequencyKL(0.2, bandwidth="wide")
+
+
+def test_tensorboard_logs_the_coefficient_and_the_statistic(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    from actsparse.tensorboard import TensorBoardLogger
+
+    model = _sae(L1(1e-3).toward(l0=4.0))
+    logger = TensorBoardLogger(tmp_path, model, torch.zeros(4, 16), every=0)
+    for step, (s, c) in enumerate([(9.0, 1e-3), (7.0, 2e-3)], start=1):
+        logger.on_step({"step": step, "loss": 1.0, "statistic": s, "coefficient": c})
+    logger.close()
+    acc = ea.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/statistic")] == [(1, 9.0), (2, 7.0)]
+    assert [e.value for e in acc.Scalars("train/coefficient")] == pytest.approx([1e-3, 2e-3])
+
+
+# ------------------------------------------------------------------------------- L0 (JumpReLU)
+
+
+def test_l0_value_and_threshold_gradient_match_the_formula():
+    """L0: λ·mean over samples of #(a > θ); ∂/∂θ_j = −λ/(ε N) · #{i: |a_ij − θ_j| < ε/2} (the
+    rectangle-kernel pseudo-derivative of Rajamanoharan et al. 2024, eq. 11), in NumPy."""
+    from actsparse import L0
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(50, 4, generator=g, dtype=torch.float64)
+    theta = torch.tensor([0.2, 0.5, 0.7, 0.9], dtype=torch.float64, requires_grad=True)
+    p = L0(0.3, threshold=theta, bandwidth=0.1)
+    v = p(a)
+    an, tn = a.numpy(), theta.detach().numpy()
+    assert float(v) == pytest.approx(0.3 * (an > tn).sum(1).mean(), rel=1e-12)
+    (gt,) = torch.autograd.grad(v, theta)
+    np.testing.assert_allclose(gt.numpy(), -0.3 / (0.1 * 50) * (np.abs(an - tn) < 0.05).sum(0), rtol=1e-12)
+
+
+def test_sae_binds_l0_to_its_jumprelu_and_reads_pre_activations():
+    """An unbound L0 in a JumpReLU SAE takes the JumpReLU's current θ (read at every forward, so a
+    second backward works after θ moved) and trains θ only: no gradient reaches the encoder from it."""
+    from actsparse import L0
+    from actsparse.models import JumpReLU
+
+    torch.manual_seed(0)
+    act = JumpReLU(16, init_threshold=0.1, bandwidth=0.5)
+    model = SparseAutoencoder(8, 16, act, decoder="linear", penalty=L0(1.0).toward(l0=3.0), recon_loss="mse")
+    assert model.penalty.inner.firing_threshold is not None and model.penalty.inner.bound
+    x = torch.randn(32, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the second step uses the moved θ
+        opt.zero_grad()
+        out = model(x)
+        out.sparsity_loss.backward()
+        assert model.W_enc.grad is None or float(model.W_enc.grad.abs().sum()) == 0.0
+        assert float(act.log_threshold.grad.abs().sum()) > 0
+        opt.step()
+    with torch.no_grad():
+        pre = model.encode_pre(x)
+        value = model.eval()(x).sparsity_loss
+    lam = float(model.penalty.coefficient)
+    assert float(value) == pytest.approx(lam * float((pre > act.threshold).double().sum(1).mean()), rel=1e-5)

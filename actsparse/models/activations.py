@@ -176,8 +176,9 @@ class JumpReLU(nn.Module):
         init_threshold: initial θ. Default 0.001.
         bandwidth: ε of the straight-through pseudo-derivative. Default 0.001.
 
-    Pair it with an L0 penalty on the same θ: ``FrequencyKL(target, threshold=act.threshold)``
-    or :func:`actsparse.functional.activation_frequency`.
+    Pair it with the L0 penalty of the paper, :class:`actsparse.L0`: a
+    :class:`~actsparse.models.SparseAutoencoder` binds an ``L0()`` to its JumpReLU's current θ
+    (``L0(weight).toward(l0=k)`` to state the L0 instead of λ).
     """
 
     def __init__(self, d_sae: int, init_threshold: float = 0.001, bandwidth: float = 0.001,

@@ -89,6 +89,18 @@ class ForwardOutput(NamedTuple):
         return self.reconstruction_loss + self.sparsity_loss + self.weight_decay_loss + self.auxk_loss
 
 
+def _unbound_l0(penalty):
+    """The :class:`~actsparse.penalties.L0` a penalty is (or controls, through ``toward``), if no
+    threshold was given to it; else None."""
+    from ..control import TargetSparsity
+    from ..penalties import L0
+
+    p = penalty
+    while isinstance(p, TargetSparsity):
+        p = p.inner
+    return p if isinstance(p, L0) and not p.bound else None
+
+
 class SparseAutoencoder(nn.Module):
     """A one-hidden-layer sparse autoencoder ``x → act(W_enc (x − b_pre) + b_enc) → W_dec h + b_dec``.
 
@@ -177,6 +189,12 @@ class SparseAutoencoder(nn.Module):
         self.decoder_kind = decoder
         self.tied = bool(tied)
         self.penalty = penalty
+        # a JumpReLU's L0 (Rajamanoharan et al. 2024): an unbound L0 takes this JumpReLU's θ and reads
+        # the pre-activations, detached (the L0 term trains θ only, with both sides of its kernel)
+        l0 = _unbound_l0(penalty)
+        self._l0_on_pre = isinstance(self.activation, JumpReLU) and l0 is not None
+        if self._l0_on_pre:
+            l0.bind(self.activation)
         self.weight_decay = float(weight_decay)
         self.recon_loss = recon_loss
         self.unit_norm_decoder = bool(unit_norm_decoder)
@@ -304,7 +322,8 @@ class SparseAutoencoder(nn.Module):
         x_hat = self.decode(h)
         zero = x_hat.new_zeros(())
         recon = reconstruction_loss(x_hat, x, self.recon_loss)
-        sparsity = self.penalty(h) if self.penalty is not None else zero
+        on_pre = getattr(self, "_l0_on_pre", False)  # (a model pickled before L0 existed has no flag)
+        sparsity = self.penalty(pre.detach() if on_pre else h) if self.penalty is not None else zero
         decay = zero
         if self.weight_decay:
             mats = [self.W_enc] if self.W_dec is None else [self.W_enc, self.W_dec]
