@@ -50,7 +50,9 @@ and moved less than a tenth of the way
 (raising the coefficient no longer moves it), or fell by 10× or more while the statistic stayed
 below the target (even almost no penalty leaves the code sparser than asked), a
 :class:`TargetNotReachedWarning` says so with the numbers. λ is bounded to
-[``min_weight``, ``max_weight``] (default 1e-12 to 1e12).
+[``min_weight``, ``max_weight``], by default six decades either side of the starting λ
+(10⁻⁶·λ₀ to 10⁶·λ₀): a statistic the penalty cannot move must not drive λ to a value that
+swamps every other loss term (seen: a per-unit β that rose from 1e-3 to 1e12 in 3,000 steps).
 
 **Anti-windup.** An integrator that keeps integrating while the system does not answer winds up:
 with every unit dead after a too-large start, λ would fall to its floor in a few hundred steps and,
@@ -152,7 +154,7 @@ class TargetSparsity(Penalty):
             (``rate`` and ``mean`` only). Default False.
         rate_of_change: η, the step of log λ per update. Default 0.05.
         window: steps between the saturation checks. Default 100.
-        min_weight, max_weight: bounds of λ. Default 1e-12, 1e12.
+        min_weight, max_weight: bounds of λ. Default 10⁻⁶ and 10⁶ times the starting λ.
         update_in_forward: move λ at each training forward (default True); False: call
             :meth:`step` once per optimiser step.
     """
@@ -165,8 +167,8 @@ class TargetSparsity(Penalty):
     stats_group = None
 
     def __init__(self, inner: Penalty, statistic: str, target: float, *, per_unit: bool = False,
-                 rate_of_change: float = 0.05, window: int = 100, min_weight: float = 1e-12,
-                 max_weight: float = 1e12, update_in_forward: bool = True) -> None:
+                 rate_of_change: float = 0.05, window: int = 100, min_weight: float | None = None,
+                 max_weight: float | None = None, update_in_forward: bool = True) -> None:
         if not isinstance(inner, Penalty):
             raise TypeError(f"TargetSparsity controls a Penalty, got {type(inner).__name__}")
         if isinstance(inner, TargetSparsity):
@@ -185,6 +187,11 @@ class TargetSparsity(Penalty):
         if per_unit and not inner.sum_over_units:
             raise TypeError(f"{type(inner).__name__} is not a sum over units, so it cannot take one coefficient per "
                             "unit: control it with per_unit=False (one coefficient)")
+        if isinstance(inner.weight, (int, float)) and inner.weight > 0:  # (a weight of 0 is refused below)
+            min_weight = inner.weight * 1e-6 if min_weight is None else min_weight
+            max_weight = inner.weight * 1e6 if max_weight is None else max_weight
+        min_weight = 1e-12 if min_weight is None else min_weight
+        max_weight = 1e12 if max_weight is None else max_weight
         for name, v in (("rate_of_change", rate_of_change), ("min_weight", min_weight), ("max_weight", max_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

@@ -117,7 +117,7 @@ def jumprelu_run(seed: int, n: int, epochs: int, target_l0: float) -> dict[str, 
             for idx in torch.randperm(n, generator=g).split(256):
                 train_step(model, opt, x[idx])
     return {**eval_sae(model, held), "coefficient": float(penalty.coefficient),
-            "threshold_mean": float(model.activation.threshold.mean())}
+            "threshold_mean": float(model.activation.threshold.detach().mean())}
 
 
 def interpolate_fvu(sweep: list[dict[str, float]], l0: float) -> float | None:
@@ -168,9 +168,9 @@ def seed001_run(seed: int, penalty: str, steps: int) -> dict[str, Any]:
     model = ex.SparseAutoencoder()
     if penalty == "frequency_kl":  # FrequencyKL's own bandwidth (0.1): nothing tuned
         p = actsparse.FrequencyKL(0.2, weight=0.1).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
-    elif penalty == "frequency_kl_auto":  # one window per unit from each batch's quantile: nothing tuned
-        p = actsparse.FrequencyKL(0.2, weight=0.1, bandwidth="auto").toward(rate=0.2, per_unit=True,
-                                                                           rate_of_change=0.02)
+    elif penalty == "frequency_kl_auto":  # one window per unit from each batch's quantile, β started low
+        p = actsparse.FrequencyKL(0.2, weight=1e-3, bandwidth="auto").toward(rate=0.2, per_unit=True,
+                                                                            rate_of_change=0.02)
     else:  # L1 of relu(z): units above the rate are pushed down, the others are left alone
         p = actsparse.L1(1e-3).of(torch.relu).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
     reg = actsparse.attach(model, {"enc3": p})

@@ -185,6 +185,13 @@ def test_bounds_hold():
     for _ in range(5):
         ctrl(torch.ones(4, 3, requires_grad=True))
     assert float(ctrl.coefficient) == pytest.approx(2.0)
+    # the default bounds: six decades either side of the start
+    up = L1(1e-3).toward(l0=0.01, rate_of_change=1.0)
+    down = L1(1e-3).toward(l0=100.0, rate_of_change=1.0)
+    for _ in range(40):
+        up(torch.ones(4, 3, requires_grad=True))
+        down(torch.zeros(4, 3, requires_grad=True))
+    assert float(up.coefficient) == pytest.approx(1e3) and float(down.coefficient) == pytest.approx(1e-9)
 
 
 # ------------------------------------------------------------------------------- training
