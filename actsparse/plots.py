@@ -248,13 +248,30 @@ def control_figure(history: list[dict], target: float, statistic: str):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
     steps = [h["step"] for h in rows]
     name = {"l0": "L0 (active units per sample)", "rate": "firing rate", "mean": "mean activation ρ̂"}[statistic]
-    top.plot(steps, [h["statistic"] for h in rows], color="tab:blue", lw=1.2, label=f"{name}, step's batch")
+    values = [h["statistic"] for h in rows]
+    top.plot(steps, values, color="tab:blue", lw=1.2, label=f"{name}, step's batch")
     top.axhline(target, color="tab:red", ls="--", lw=1.2, label=f"target {target:g}")
     top.set_ylabel(name)
+    # the scale of where the run settles (the last 90 % of the logged steps), so that a few percent
+    # off the target can be seen; a start far from it is clipped, and the title says so
+    late = values[len(values) // 10:] + [target]
+    lo, hi = min(late), max(late)
+    pad = 0.25 * max(hi - lo, 0.02 * abs(target))
+    if values and (min(values) < lo - pad or max(values) > hi + pad):
+        top.set_ylim(lo - pad, hi + pad)
+        top.set_title("y axis: the last 90 % of the steps (the first steps are off the scale)", fontsize=8)
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     bottom.plot(steps, [h["coefficient"] for h in rows], color="tab:green", lw=1.2)
     bottom.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _pos) -> str:  # 2, 3 and 5 of each decade: readable, never crowded
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""
+
+    bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bottom.yaxis.set_minor_formatter(FuncFormatter(minor))
+    bottom.tick_params(axis="y", which="minor", labelsize=7)
     bottom.set_ylabel("coefficient (log scale)")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3, which="both")
