@@ -340,8 +340,9 @@ class TrainConfig:
         name, key = given[0], self.penalty.lower().replace("-", "_")
         if name == "target_rate" and not self.target_rate < 1:
             raise ConfigError(f"--target-rate is a share of samples and must lie in (0, 1), got {self.target_rate!r}")
-        if name == "target_l0" and self.model == "sae" and self.target_l0 > self.hidden:
-            raise ConfigError(f"--target-l0 {self.target_l0:g} is more than the {self.hidden} hidden units")
+        width = self.hidden if self.model == "sae" else (self.sizes or (0,))[-1]
+        if name == "target_l0" and self.target_l0 > width:
+            raise ConfigError(f"--target-l0 {self.target_l0:g} is more than the {width} units of the code")
         if name in ("target_l0", "target_rate") and self.activation == "sigmoid" and key != "frequency_kl":
             raise ConfigError(f"{flags[0]} counts the units that are > 0, and sigmoid units always are: use "
                               "--target-mean with sigmoid units, or a ReLU-family --activation")

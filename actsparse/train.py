@@ -501,8 +501,10 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     h = x
     n = len(stack.encoder)
     for i, enc in enumerate(stack.encoder):
+        # a --target-* holds the code (the last layer); the layers before it pretrain with the fixed --weight
+        no_target = {name: None for name in cfg.CONTROL_FLAGS} | {"per_unit": False} if i < n - 1 else {}
         cfg_i = dataclasses.replace(cfg, model="sae", sizes=None, hidden=enc.out_features, validation=0.0,
-                                    activation=stack.activation_name, checkpoint_every=0)
+                                    activation=stack.activation_name, checkpoint_every=0, **no_target)
         res = train(cfg_i, h, model=build_model(cfg_i, enc.in_features).to(x.dtype))
         sae = res.model
         dec = stack.decoder[n - 1 - i]

@@ -406,7 +406,8 @@ def test_cli_resume_of_a_controlled_lbfgs_run_is_bit_identical(tmp_path):
     ({"target_l0": 4, "penalty": None}, "needs a --penalty"),
     ({"target_l0": 4}, "sigmoid units always are"),
     ({"target_rate": 1.5, "activation": "relu"}, r"\(0, 1\)"),
-    ({"target_l0": 40, "activation": "relu"}, "more than the 25 hidden units"),
+    ({"target_l0": 40, "activation": "relu"}, "more than the 25 units of the code"),
+    ({"target_l0": 5, "activation": "relu", "model": "stacked", "sizes": (8, 4)}, "more than the 4 units"),
     ({"per_unit": True}, "applies to --target-rate"),
     ({"target_l0": 4, "per_unit": True, "activation": "relu"}, "--per-unit holds each unit"),
     ({"target_rate": 0.1, "per_unit": True, "activation": "relu", "penalty": "hoyer"}, "not hoyer"),
@@ -561,3 +562,18 @@ def test_sae_binds_l0_to_its_jumprelu_and_reads_pre_activations():
         value = model.eval()(x).sparsity_loss
     lam = float(model.penalty.coefficient)
     assert float(value) == pytest.approx(lam * float((pre > act.threshold).double().sum(1).mean()), rel=1e-5)
+
+
+def test_stacked_pretraining_holds_the_target_on_the_code_only(tmp_path):
+    """--model stacked --pretrain --target-l0: the layers before the code pretrain with the fixed
+    --weight (a target of 3 active units cannot even be asked of the 2-unit first layer); the code
+    layer and the fine-tuning hold the target."""
+    from actsparse.cli import main
+
+    args = ["train", "--data", "synthetic", "--samples", "600", "--model", "stacked", "--sizes", "2", "6",
+            "--activation", "relu", "--decoder", "linear", "--penalty", "l1", "--weight", "1e-3",
+            "--target-l0", "3", "--optimizer", "adam", "--epochs", "2", "--pretrain", "--out", str(tmp_path),
+            "--name", "s", "--no-progress", "--no-plots", "--threads", "1"]
+    assert main(args) == 0
+    log, metrics = _metrics(tmp_path / "s")
+    assert "coefficient" in metrics and all("coefficient" in r for r in log)
