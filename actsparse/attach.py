@@ -165,12 +165,8 @@ def _unit_stats(a: Tensor, unit_dim: int, th: float | Tensor) -> tuple[Tensor, T
     a = a.detach()
     if a.dim() == 1:  # (batch,): one unit
         a = a.unsqueeze(-1)
-    dims = [i for i in range(a.dim()) if i != F.normalize_unit_dim(a, unit_dim)]
-    if isinstance(th, Tensor):
-        th = F.unit_view(th, a, unit_dim)
-    rho = a.mean(dim=dims, dtype=torch.float32)
-    fire = (a > th).mean(dim=dims, dtype=torch.float32)
-    return rho, fire
+    rho = a.mean(dim=F._reduce_dims(a, unit_dim), dtype=torch.float32)
+    return rho, F._firing_share(a, th, unit_dim, torch.float32)
 
 
 @dataclass

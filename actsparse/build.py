@@ -35,7 +35,7 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
     penalty = None
     if cfg.penalty is not None:
         kwargs: dict[str, Any] = {"weight": cfg.weight}
-        key = cfg.penalty.lower().replace("-", "_")
+        key = cfg.penalty_key
         if key in ("kl", "bernoulli_kl", "poisson_kl", "frequency_kl"):
             kwargs["target"] = cfg.target
         if key == "frequency_kl":  # None: FrequencyKL's own default (TrainConfig refuses them for other penalties)
@@ -44,8 +44,8 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
         control = cfg.control()
         if control is not None:  # --target-*: the coefficient adapted during training, --weight its start
             statistic, target = control
-            penalty = penalty.toward(**{statistic: target}, per_unit=cfg.per_unit, rate_of_change=cfg.control_rate,
-                                     update_in_forward=cfg.optimizer != "lbfgs")  # L-BFGS: once per iteration
+            # (L-BFGS steps it once per iteration: the trainer turns its update in forward off)
+            penalty = penalty.toward(**{statistic: target}, per_unit=cfg.per_unit, rate_of_change=cfg.control_rate)
     recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
     if cfg.model == "stacked":
         sizes = [d_in, *cfg.sizes]

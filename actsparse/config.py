@@ -246,7 +246,7 @@ class TrainConfig:
             raise ConfigError(f"--penalty must be a name ({', '.join(sorted(PENALTIES))}, none), got {self.penalty!r}")
         if self.penalty is not None and self.penalty.lower() == "none":
             self.penalty = None
-        if self.penalty is not None and self.penalty.lower().replace("-", "_") not in PENALTIES:
+        if self.penalty is not None and self.penalty_key not in PENALTIES:
             raise ConfigError(f"unknown --penalty {self.penalty!r}; valid: {', '.join(sorted(PENALTIES))}, none")
         for name in ("weight", "weight_decay", "lr"):
             v = getattr(self, name)
@@ -297,12 +297,17 @@ class TrainConfig:
         t = self.target
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ConfigError(f"--target must be a finite number, got {t!r}")
-        key = None if self.penalty is None else PENALTIES[self.penalty.lower().replace("-", "_")].__name__
+        key = None if self.penalty is None else PENALTIES[self.penalty_key].__name__
         if key in ("BernoulliKL", "FrequencyKL") and not 0 < t < 1:
             raise ConfigError(f"--target of --penalty {self.penalty} is a firing rate ρ and must lie strictly "
                               f"between 0 and 1, got {t!r}")
         if key == "PoissonKL" and not t > 0:
             raise ConfigError(f"--target of --penalty {self.penalty} is a mean activation ρ and must be > 0, got {t!r}")
+
+    @property
+    def penalty_key(self) -> str | None:
+        """``--penalty`` as its registry key (``PENALTIES``: lower case, ``_`` for ``-``), or None."""
+        return None if self.penalty is None else self.penalty.lower().replace("-", "_")
 
     #: The flags that ask for a controlled coefficient, and the statistic each holds.
     CONTROL_FLAGS: ClassVar[dict[str, str]] = {"target_l0": "l0", "target_rate": "rate", "target_mean": "mean"}
@@ -337,7 +342,7 @@ class TrainConfig:
         if self.penalty is None:
             raise ConfigError(f"{flags[0]} adapts the penalty's coefficient: it needs a --penalty "
                               f"({', '.join(sorted(PENALTIES))})")
-        name, key = given[0], self.penalty.lower().replace("-", "_")
+        name, key = given[0], self.penalty_key
         if name == "target_rate" and not self.target_rate < 1:
             raise ConfigError(f"--target-rate is a share of samples and must lie in (0, 1), got {self.target_rate!r}")
         width = self.hidden if self.model == "sae" else (self.sizes or (0,))[-1]
@@ -369,7 +374,7 @@ class TrainConfig:
             setattr(self, name, float(v))
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise ConfigError(f"--bandwidth is a window width and must be > 0, got {self.bandwidth!r}")
-        key = None if self.penalty is None else self.penalty.lower().replace("-", "_")
+        key = self.penalty_key
         if given and key != "frequency_kl":
             flags = " and ".join(f"--{n}" for n in given)
             raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} only to --penalty frequency_kl "

@@ -101,6 +101,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._lazy import adopt_saved_shapes
 from .errors import TrainingWarning
 from .penalties import Penalty, PenaltySum
 
@@ -127,12 +128,10 @@ def measure_statistic(a: Tensor, statistic: str, *, unit_dim: int = -1, threshol
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
     a = a.detach()
-    dims = F._reduce_dims(a, unit_dim)
     if statistic == "mean":
-        per = a.mean(dim=dims, dtype=torch.float64)
+        per = a.mean(dim=F._reduce_dims(a, unit_dim), dtype=torch.float64)
     else:
-        th = F.unit_view(threshold, a, unit_dim) if isinstance(threshold, Tensor) else threshold
-        per = (a > th).mean(dim=dims, dtype=torch.float64)
+        per = F._firing_share(a, threshold, unit_dim, torch.float64)
     if statistic == "l0":
         return per.sum()
     return per if per_unit else per.mean()
@@ -236,6 +235,11 @@ class TargetSparsity(Penalty):
     def coefficient(self) -> Tensor:
         """λ: a float64 scalar, or ``(units,)`` per unit."""
         return self.log_weight.exp()
+
+    @property
+    def mean_coefficient(self) -> float:
+        """λ, or per unit the geometric mean of the λ_j: what the training log records."""
+        return float(self.log_weight.mean().exp())
 
     def _weight_for(self, a: Tensor) -> float | Tensor:
         if not self.per_unit:
@@ -387,13 +391,9 @@ class TargetSparsity(Penalty):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any):  # type: ignore[override]
-        key = prefix + "log_weight"
-        if key in state_dict and state_dict[key].shape != self.log_weight.shape:
-            self.log_weight = torch.empty_like(state_dict[key], device=self.log_weight.device)
-        for name in ("statistic", "held", "held_since", "anchor_log_weight", "anchor_error"):  # () or (units,)
-            key, mine = prefix + name, getattr(self, name)
-            if key in state_dict and state_dict[key].shape != mine.shape:
-                setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
+        # () or (units,): a per-unit controller learns its width from its first batch
+        adopt_saved_shapes(self, state_dict, prefix, "log_weight", "statistic", "held", "held_since",
+                           "anchor_log_weight", "anchor_error")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -291,6 +291,15 @@ def mean_activation(a: Tensor, unit_dim: int = -1) -> Tensor:
     return a.mean(dim=dims, dtype=_compute_dtype(a.dtype))
 
 
+def _firing_share(a: Tensor, threshold: float | Tensor, unit_dim: int, dtype: torch.dtype) -> Tensor:
+    """The share of samples (and positions) in which each unit is ``> threshold``: ``(units,)`` in
+    ``dtype``, no gradient. A tensor threshold is aligned with ``unit_dim``. (The differentiable
+    form, with a straight-through gradient, is :func:`activation_frequency`.)"""
+    a = a.detach()
+    th = unit_view(threshold, a, unit_dim) if isinstance(threshold, Tensor) else threshold
+    return (a > th).mean(dim=_reduce_dims(a, unit_dim), dtype=dtype)
+
+
 def rectangle_window(a: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """K((a − θ)/ε) as a bool tensor, with the rectangle kernel K(u) = 1{|u| < 1/2}."""
     u = (a - threshold) / bandwidth

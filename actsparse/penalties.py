@@ -86,7 +86,11 @@ class Penalty(nn.Module):
 
     def forward(self, a: Tensor) -> Tensor:
         """``weight * value(a)``: a differentiable scalar in ``a``'s dtype."""
-        return self.value(a) * self.weight
+        return self._scaled(a, self.weight)
+
+    def _scaled(self, a: Tensor, weight: float) -> Tensor:
+        """``weight * value(a)`` for a float weight; subclasses fold the weight into their reduction."""
+        return self.value(a) * weight
 
     def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
         """The penalty with another coefficient: ``weight · value(a)`` for a float ``weight``, and
@@ -98,7 +102,7 @@ class Penalty(nn.Module):
         if isinstance(weight, Tensor):
             out = (self._unit_values(a) * weight.to(device=a.device, dtype=F._compute_dtype(a.dtype))).sum()
             return F._in_caller_dtype(out, a, self.check)
-        return self.value(a) * float(weight)
+        return self._scaled(a, float(weight))
 
     def _unit_values(self, a: Tensor) -> Tensor:
         """``(units,)`` in the compute dtype: the unweighted penalty split by unit (Σ_j = value)."""
@@ -639,9 +643,6 @@ class L0(Penalty):
             F.check_finite_result(out, a)
         return out.to(a.dtype)
 
-    def forward(self, a: Tensor) -> Tensor:
-        return self.value(a) * self.weight
-
     def extra_repr(self) -> str:
         th = self.__dict__.get("_threshold")
         shown = type(th).__name__ if isinstance(th, nn.Module) else ("tensor" if isinstance(th, Tensor) else th)
@@ -660,13 +661,8 @@ class L1(Penalty):
     def value(self, a: Tensor) -> Tensor:
         return F.l1(a, check=self.check)
 
-    def forward(self, a: Tensor) -> Tensor:
-        return F.scaled_l1(a, self.weight, check=self.check)  # the weight folded into one node
-
-    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
-        if isinstance(weight, Tensor):
-            return super().weighted(a, weight, slot=slot)
-        return F.scaled_l1(a, float(weight), check=self.check)
+    def _scaled(self, a: Tensor, weight: float) -> Tensor:
+        return F.scaled_l1(a, weight, check=self.check)  # the weight folded into one node
 
     def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of |a|, / batch
         F._check_activations(a)
@@ -686,13 +682,8 @@ class L2(Penalty):
     def value(self, a: Tensor) -> Tensor:
         return F.l2(a, check=self.check)
 
-    def forward(self, a: Tensor) -> Tensor:
-        return F.scaled_l2(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
-
-    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
-        if isinstance(weight, Tensor):
-            return super().weighted(a, weight, slot=slot)
-        return F.scaled_l2(a, float(weight), check=self.check)
+    def _scaled(self, a: Tensor, weight: float) -> Tensor:
+        return F.scaled_l2(a, weight, check=self.check)  # weighted before the cast to a's dtype
 
     def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of a², / batch
         F._check_activations(a)
@@ -710,13 +701,8 @@ class Hoyer(Penalty):
     def value(self, a: Tensor) -> Tensor:
         return F.hoyer(a, check=self.check)
 
-    def forward(self, a: Tensor) -> Tensor:
-        return F.scaled_hoyer(a, self.weight, check=self.check)  # weighted before the cast to a's dtype
-
-    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
-        if isinstance(weight, Tensor):
-            return super().weighted(a, weight, slot=slot)  # raises: Hoyer is no sum over units
-        return F.scaled_hoyer(a, float(weight), check=self.check)
+    def _scaled(self, a: Tensor, weight: float) -> Tensor:
+        return F.scaled_hoyer(a, weight, check=self.check)  # weighted before the cast to a's dtype
 
 
 #: Registry of penalty names (CLI and config files resolve ``--penalty NAME`` here).

@@ -213,7 +213,7 @@ def summary_statistics(cfg: TrainConfig, m: dict[str, float]) -> list[str]:
     activation ρ̂ for the Bernoulli and Poisson KLs, the firing frequency (L0 / units: the mean
     over units of the share of samples where a unit is non-zero) for ``frequency_kl``. L1, L2,
     Hoyer and no penalty have no target: the mean activation is shown alone."""
-    penalty = (cfg.penalty or "").lower().replace("-", "_")
+    penalty = cfg.penalty_key
     units = _code_width(cfg)
     control = cfg.control()
     if control is not None:  # --target-*: the statistic held, its target, and where the coefficient ended
@@ -266,7 +266,7 @@ def _progress(cfg: TrainConfig, total: int, stream=None) -> tuple[Callable[[dict
         post = {"loss": f"{rec['loss']:.4g}"}
         if cfg.activation != "sigmoid":
             post["l0"] = f"{rec['l0']:.3g}"
-        if (cfg.penalty or "").lower().replace("-", "_") == "frequency_kl":
+        if cfg.penalty_key == "frequency_kl":
             post["freq"] = f"{rec['l0'] / _code_width(cfg):.4f}"
         else:
             post["rho"] = f"{rec['mean_activation']:.4f}"
@@ -457,7 +457,7 @@ def _train_and_report(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], Non
 
 def likely_cause(cfg: TrainConfig, m: dict[str, float]) -> str:
     """A one-line guess at why a run learnt nothing (FVU ≈ 1), from its settings and metrics."""
-    penalty = (cfg.penalty or "").lower().replace("-", "_")
+    penalty = cfg.penalty_key
     if cfg.activation != "sigmoid" and penalty in ("kl", "bernoulli_kl"):
         return (f"--activation {cfg.activation} with the Bernoulli KL, which is for sigmoid units in [0, 1]: use "
                 f"--penalty poisson_kl (the KL for unbounded ReLU units) or --penalty l1")

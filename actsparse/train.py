@@ -326,7 +326,7 @@ class _Run:
                "fraction_dead": float(dead.double().mean()) if dead is not None else float("nan"),
                "seconds": time.perf_counter() - self.start}
         for c in self.controllers[:1]:  # --target-*: the coefficient (geometric mean per unit) and the statistic
-            rec["coefficient"] = float(c.log_weight.mean().exp())
+            rec["coefficient"] = c.mean_coefficient
             rec["statistic"] = float(c.statistic.mean())
         if self.n_val and self.rank == 0 and self._validation_due(step):
             # the validation curve of loss.png: eval mode, no penalty, about 20 points a run
@@ -473,7 +473,7 @@ class _Run:
     def final_metrics(self, history: list[dict[str, float]]) -> dict[str, float]:
         cfg = self.cfg
         final: dict[str, float] = {"target": cfg.target, "seconds": time.perf_counter() - self.start,
-                                   **({"coefficient": float(self.controllers[0].log_weight.mean().exp())}
+                                   **({"coefficient": self.controllers[0].mean_coefficient}
                                       if self.controllers else {}),
                                    "steps": int(history[-1]["step"]) if history else 0, "rollbacks": self.rollbacks,
                                    "processes": self.world_size}

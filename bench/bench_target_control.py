@@ -72,11 +72,23 @@ def eval_sae(model, x: torch.Tensor) -> dict[str, float]:
     return {"l0": float((code > 0).double().sum(1).mean()), "fvu": fvu}
 
 
+def train_sae(model, x: torch.Tensor, epochs: int, seed: int) -> None:
+    """Adam, lr 1e-3, ``epochs`` shuffled passes in batches of 256 (the order drawn from ``seed``)."""
+    from actsparse.train import train_step
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TargetNotReachedWarning)
+        for _ in range(epochs):
+            for idx in torch.randperm(x.shape[0], generator=g).split(256):
+                train_step(model, opt, x[idx])
+
+
 def sae_run(seed: int, n: int, epochs: int, weight: float, target_l0: float | None) -> dict[str, float]:
     """The field's ReLU + L1 SAE (unit-norm decoder rows, so L1 cannot be dodged by shrinking the
     code and growing the decoder; Gao et al.'s tied orthogonal init), Adam, lr 1e-3, batch 256."""
     from actsparse.models import SparseAutoencoder
-    from actsparse.train import train_step
 
     x, held = sae_data(seed, n)
     penalty = actsparse.L1(weight)
@@ -85,13 +97,7 @@ def sae_run(seed: int, n: int, epochs: int, weight: float, target_l0: float | No
     torch.manual_seed(seed)
     model = SparseAutoencoder(32, 128, "relu", decoder="linear", penalty=penalty, recon_loss="mse",
                               unit_norm_decoder=True, init="orthogonal_tied")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TargetNotReachedWarning)
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=g).split(256):
-                train_step(model, opt, x[idx])
+    train_sae(model, x, epochs, seed)
     out = eval_sae(model, held)
     if target_l0 is not None:
         out["coefficient"] = float(penalty.coefficient)
@@ -102,20 +108,13 @@ def jumprelu_run(seed: int, n: int, epochs: int, target_l0: float) -> dict[str, 
     """A JumpReLU SAE (32 → 128, unit-norm decoder, θ initialised at 0.1, ε = 0.05: on the scale of
     these pre-activations) with the paper's L0 loss, ``L0(1e-3).toward(l0=target)``."""
     from actsparse.models import JumpReLU, SparseAutoencoder
-    from actsparse.train import train_step
 
     x, held = sae_data(seed, n)
     penalty = actsparse.L0(1e-3).toward(l0=target_l0, rate_of_change=0.02)
     torch.manual_seed(seed)
     model = SparseAutoencoder(32, 128, JumpReLU(128, init_threshold=0.1, bandwidth=0.05), decoder="linear",
                               penalty=penalty, recon_loss="mse", unit_norm_decoder=True, init="orthogonal_tied")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TargetNotReachedWarning)
-        for _ in range(epochs):
-            for idx in torch.randperm(n, generator=g).split(256):
-                train_step(model, opt, x[idx])
+    train_sae(model, x, epochs, seed)
     return {**eval_sae(model, held), "coefficient": float(penalty.coefficient),
             "threshold_mean": float(model.activation.threshold.detach().mean())}
 
@@ -162,10 +161,8 @@ def seed001_module():
 
 
 def seed001_run(seed: int, penalty: str, steps: int) -> dict[str, Any]:
+    """The example's own training (its data, model, Adam and batches), with the penalty on from step 0."""
     ex = seed001_module()
-    x_train, x_test = ex.make_data(ex.N_TRAIN, seed), ex.make_data(ex.N_TEST, seed + 10_000)
-    torch.manual_seed(seed)
-    model = ex.SparseAutoencoder()
     if penalty == "frequency_kl":  # FrequencyKL's own bandwidth (0.1): nothing tuned
         p = actsparse.FrequencyKL(0.2, weight=0.1).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
     elif penalty == "frequency_kl_auto":  # one window per unit from each batch's quantile, β started low
@@ -173,24 +170,12 @@ def seed001_run(seed: int, penalty: str, steps: int) -> dict[str, Any]:
                                                                             rate_of_change=0.02)
     else:  # L1 of relu(z): units above the rate are pushed down, the others are left alone
         p = actsparse.L1(1e-3).of(torch.relu).toward(rate=0.2, per_unit=True, rate_of_change=0.02)
-    reg = actsparse.attach(model, {"enc3": p})
-    opt = torch.optim.Adam(model.parameters(), lr=ex.LR)
-    g = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TargetNotReachedWarning)
-        for _ in range(steps):
-            data = x_train[torch.randint(0, ex.N_TRAIN, (ex.BATCH,), generator=g)]
-            _, outputs = model(data)
-            loss = F.mse_loss(outputs, data) + reg.penalty()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        encoded, outputs = model(x_test)
-    rates = (encoded > 0).double().mean(0)
-    return {"rates": rates.tolist(), "max_error": float((rates - 0.2).abs().max()),
-            "mse": float(F.mse_loss(outputs, x_test)), "mean_mse": float(x_test.var(0, unbiased=False).mean())}
+        r = ex.train(seed, True, steps, penalty=p, warmup=0)
+    rates = torch.tensor(r["unit_fractions"], dtype=torch.float64)
+    return {"rates": rates.tolist(), "max_error": float((rates - 0.2).abs().max()), "mse": r["mse"],
+            "mean_mse": r["mse_of_mean"]}
 
 
 # ------------------------------------------------------------------------------ conv net

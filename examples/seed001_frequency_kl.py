@@ -123,19 +123,24 @@ def frequency_penalty() -> actsparse.FrequencyKL:
     return actsparse.FrequencyKL(target=RHO, weight=BETA, threshold=0.0, bandwidth=BANDWIDTH)
 
 
-def train(seed: int, sparsity: bool, steps: int = STEPS) -> dict:
-    """Train one model; returns its active fraction and MSE on held-out data, and the model."""
+def train(seed: int, sparsity: bool, steps: int = STEPS, *, penalty: actsparse.Penalty | None = None,
+          warmup: int | None = None) -> dict:
+    """Train one model; returns its active fraction and MSE on held-out data, and the model.
+
+    ``penalty``: the penalty on ``enc3`` (default :func:`frequency_penalty`); ``warmup``: the steps
+    before it is switched on (default ``min(WARMUP, steps // 3)``)."""
     x_train, x_test = make_data(N_TRAIN, seed), make_data(N_TEST, seed + 10_000)
     torch.manual_seed(seed)
     model = SparseAutoencoder()
-    reg = actsparse.attach(model, {"enc3": frequency_penalty()}) if sparsity else None
+    reg = actsparse.attach(model, {"enc3": penalty or frequency_penalty()}) if sparsity else None
+    warmup = min(WARMUP, steps // 3) if warmup is None else warmup
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     batches = torch.Generator().manual_seed(seed)
     for step in range(steps):
         data = x_train[torch.randint(0, N_TRAIN, (BATCH,), generator=batches)]
         encoded, outputs = model(data)
         loss = F.mse_loss(outputs, data)
-        if reg is not None and step >= min(WARMUP, steps // 3):
+        if reg is not None and step >= warmup:
             loss = loss + reg.penalty()
         opt.zero_grad()
         loss.backward()
