@@ -38,7 +38,7 @@ the weights), or ``z·H(z − θ)`` on ReLU(z) (``jumprelu``); then ``code @ W_d
 
 actsparse stores the same matrices as ``W_enc`` ``(d_sae, d_in)`` (SAELens' ``W_enc`` transposed),
 ``b_enc``, ``W_dec`` ``(d_sae, d_in)`` (atoms as rows, as both packages), ``b_dec``; ``pre_bias``
-is ``apply_b_dec_to_input`` / not ``transcode``; a JumpReLU threshold is stored as its log.
+is ``apply_b_dec_to_input`` / not ``transcode``; a JumpReLU threshold below 0 is stored as 0 (the same function).
 """
 
 from __future__ import annotations
@@ -200,10 +200,10 @@ def _build(d_in: int, d_sae: int, activation: str, tensors: dict[str, Tensor], *
     return model
 
 
-def _log_threshold(threshold: Tensor) -> Tensor:
-    # actsparse's JumpReLU keeps log θ. SAELens computes ReLU(z)·H(z − θ), which for θ <= 0 is ReLU(z)
-    # = z·H(z − 0): log 0 = −inf gives exactly that (exp(−inf) = 0)
-    return threshold.double().clamp_min(0).log().to(threshold.dtype)
+def _nonnegative_threshold(threshold: Tensor) -> Tensor:
+    # SAELens computes ReLU(z)·H(z − θ), which for θ <= 0 is ReLU(z) = z·H(z − 0): actsparse's
+    # z·H(z − θ) with θ clamped at 0 is exactly that
+    return threshold.clamp_min(0)
 
 
 # ---------------------------------------------------------------------------------------- sparsify
@@ -390,7 +390,7 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
             theta = t.take("threshold", (d_sae,), "(d_sae,)").to(file_dtype)
         else:  # files before the threshold was stored directly (SAELens' process_state_dict_for_loading)
             theta = t.take("log_threshold", (d_sae,), "(d_sae,)").to(file_dtype).exp()
-        tensors["activation.log_threshold"] = _log_threshold(theta)
+        tensors["activation.threshold"] = _nonnegative_threshold(theta)
     t.done()
     if rescale:
         # TopK on z·‖W_dec_j‖ and code/‖W_dec_j‖ @ W_dec equal TopK on z' and code @ W_dec' with

@@ -11,6 +11,7 @@ Penalties compose with ``+``: ``BernoulliKL(0.05, weight=3) + L1(1e-4)`` is one 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "L1",
     "L2",
     "Hoyer",
+    "Lp",
     "PenaltySum",
     "PENALTIES",
     "get_penalty",
@@ -705,6 +707,274 @@ class Hoyer(Penalty):
         return F.scaled_hoyer(a, weight, check=self.check)  # weighted before the cast to a's dtype
 
 
+#: Lp with p < 1: below this |a| the term |a|^p is replaced by its chord ε^(p−1)·|a| (see :class:`Lp`).
+LP_EPS = 1e-6
+
+#: The buffers of :class:`Lp` (float64 scalars, kept float64 by ``.half()``/``.float()``).
+_LP_STATE = ("p", "progress", "coef_scale", "coef_scale_p")
+
+
+def _check_exponent(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 < value < math.inf:  # also False for NaN
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a fraction of training in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also False for NaN
+        raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value!r}")
+    return float(value)
+
+
+class Lp(Penalty):
+    """λ · Σ|a|^p / batch, with p annealed during training (p-annealing).
+
+    The activity Lp^p penalty: the sum over every element of ``a`` ``(batch, ..., units)`` of
+    |a|^p, divided by ``batch = a.shape[0]``, times λ — the reduction of :class:`L1`, so
+    ``Lp(λ, p=1)`` is ``L1(λ)`` (the same computation) and ``Lp(λ, p=2)`` equals ``L2(λ)``. p < 1
+    comes closer to counting active units (L0) than L1 does and shrinks large activations less.
+
+    **p-annealing** (Karvonen et al. 2024, "Measuring progress in dictionary learning for language
+    model interpretability with board game models", NeurIPS, §p-annealing): training starts at
+    ``p`` (the convex L1 by default) and p falls linearly to ``p_end`` between the fractions
+    ``anneal_start`` and ``anneal_end`` of training; before, p is ``p``, after, ``p_end``. With
+    t = clamp((fraction − anneal_start)/(anneal_end − anneal_start), 0, 1),
+    p = (1 − t)·p + t·p_end. ``levels=n`` takes instead the paper code's staircase of n values
+    (its ``n_sparsity_updates``, 10): p_k = (1 − k/(n−1))·p + k/(n−1)·p_end from the fraction
+    anneal_start + k/(n−1)·(anneal_end − anneal_start) on. :meth:`set_progress` sets the fraction
+    (a trainer calls it before each step); until then p is ``p``.
+
+    **Rescaling** (``rescale=True``, the default, as in the paper): when p changes, the magnitude of
+    Σ|a|^p changes with it (up for |a| < 1, down above), so the coefficient is multiplied by the
+    ratio of the previous to the new penalty value: going from p_old to p_new, at the first training
+    forward after the change (training mode, gradients on),
+    ``coef_scale ← coef_scale · Σ|a|^p_old / Σ|a|^p_new``, both sums on that batch (over every
+    rank's batch under DDP, :func:`~actsparse.distributed.sync_batch_statistics`). That forward
+    already uses the new scale, so the penalty keeps its value across the change. The coefficient
+    is λ · ``coef_scale`` (:attr:`coefficient`); ``coef_scale`` starts at 1. A batch whose sums are
+    0 (all-zero activations) or not finite leaves the rescale pending for the next batch. The
+    authors' code (``dictionary_learning``, ``PAnnealTrainer``) takes the same ratio of the means of
+    the two sums over the 10 batches before each change (``sparsity_queue_length``); one batch, at
+    the change, is that rule with a queue of one. Every change of p rescales: with a continuous
+    schedule that is every step, at the cost of two reductions without gradient and one host read.
+    Under :meth:`~Penalty.toward` the scale multiplies the controller's coefficient (the jump at
+    a change is absorbed at once; the controller does the rest).
+
+    **Numerics.** The derivative p·|a|^(p−1) of |a|^p is infinite at a = 0 for p < 1, and ReLU codes
+    are exactly 0 most of the time. For p < 1, below |a| = ``eps`` (default ``LP_EPS`` = 1e-6) the
+    term is the chord ε^(p−1)·|a| instead: 0 at a = 0, equal to |a|^p at |a| = ε, continuous, with a
+    derivative ε^(p−1)·sgn(a) that is finite (≤ 1e6 for p ≥ 0.01 in float32) and 0 at a = 0 (the
+    sign of 0 is 0, as for :class:`L1`). Elsewhere the value and gradient are |a|^p's exactly;
+    |a|^p is never evaluated below ε, so the backward has no inf·0 = NaN. For p ≥ 1 the term is
+    |a|^p everywhere (its derivative is finite; 0 at 0).
+
+    Args:
+        weight: λ, a finite number ≥ 0. Default 1.
+        p: the exponent at the start, a finite number > 0. Default 1 (L1).
+        p_end: the exponent at the end of annealing, 0 < p_end ≤ p; None (default): p stays ``p``.
+        anneal_start, anneal_end: the fractions of training over which p moves, 0 ≤ start < end ≤ 1.
+            Default 0 and 1 (all of training).
+        levels: None (default): p moves at every :meth:`set_progress`; an int n ≥ 2: the staircase
+            of n values above.
+        rescale: rescale the coefficient when p changes (above). Default True.
+        eps: ε of the chord for p < 1, a finite number > 0. Default 1e-6.
+        unit_dim, check: as for :class:`Penalty`.
+
+    Returns (``forward``): a scalar in ``a``'s dtype, reduced and weighted in float32 at least;
+    with ``check``, NaN/Inf activations and a value that ``a``'s dtype cannot hold raise
+    ``ValueError``.
+
+    State: ``p`` (the current exponent), ``progress`` (the last fraction set), ``coef_scale`` and
+    ``coef_scale_p`` (the p it was last rescaled at: a rescale is pending while it differs from
+    ``p``) are float64 buffers, saved in ``state_dict``, so a resumed run continues bit-identically.
+    They change only through :meth:`set_progress` and (the scale) training forwards.
+
+    Example: ``Lp(1e-3, p=1.0, p_end=0.2, anneal_start=0.5)`` — L1 for the first half, then p falls
+    linearly to 0.2 by the end.
+    """
+
+    sum_over_units = True
+    #: The process group the rescaling sums are taken over (set for DDP by sync_batch_statistics).
+    stats_group = None
+    p: Tensor
+    progress: Tensor
+    coef_scale: Tensor
+    coef_scale_p: Tensor
+
+    def __init__(self, weight: float = 1.0, p: float = 1.0, p_end: float | None = None, *,
+                 anneal_start: float = 0.0, anneal_end: float = 1.0, levels: int | None = None,
+                 rescale: bool = True, eps: float = LP_EPS, unit_dim: int = -1, check: bool = True) -> None:
+        super().__init__(weight, unit_dim=unit_dim, check=check)
+        p = _check_exponent("p", p)
+        if p_end is not None:
+            p_end = _check_exponent("p_end", p_end)
+            if p_end > p:
+                raise ValueError(f"p-annealing lowers p: p_end must be <= p, got p={p:g}, p_end={p_end:g} "
+                                 "(for a fixed p leave p_end None)")
+        anneal_start = _check_fraction("anneal_start", anneal_start)
+        anneal_end = _check_fraction("anneal_end", anneal_end)
+        if not anneal_start < anneal_end:
+            raise ValueError(f"anneal_start must be < anneal_end, got {anneal_start:g} and {anneal_end:g}")
+        if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 2):
+            raise ValueError(f"levels must be None (p moves continuously) or an int >= 2, got {levels!r}")
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be True or False, got {type(rescale).__name__}")
+        self.p_start, self.p_end = p, p_end
+        self.anneal_start, self.anneal_end = anneal_start, anneal_end
+        self.levels = levels
+        self.rescale = rescale
+        self.eps = _check_exponent("eps", eps)
+        f64 = torch.float64
+        self.register_buffer("p", torch.tensor(p, dtype=f64))
+        self.register_buffer("progress", torch.zeros((), dtype=f64))
+        self.register_buffer("coef_scale", torch.ones((), dtype=f64))
+        self.register_buffer("coef_scale_p", torch.tensor(p, dtype=f64))
+        self._refresh()
+
+    # ---------------------------------------------------------------- the schedule
+    def p_at(self, fraction: float) -> float:
+        """The exponent the schedule gives at a fraction of training (clamped to [0, 1])."""
+        if self.p_end is None:
+            return self.p_start
+        s, e = self.anneal_start, self.anneal_end
+        t = min(max((fraction - s) / (e - s), 0.0), 1.0)
+        if self.levels is not None:
+            n = self.levels - 1
+            k = min(math.floor(t * n), n)
+            if k < n and fraction >= s + (e - s) * ((k + 1) / n):  # the boundary as documented, exactly
+                k += 1
+            t = k / n
+        return (1.0 - t) * self.p_start + t * self.p_end
+
+    def set_progress(self, fraction: float) -> None:
+        """Fraction of training done, in [0, 1] (clamped); sets the annealed p."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"the training fraction must be a number in [0, 1], got {type(fraction).__name__}")
+        if math.isnan(fraction):
+            raise ValueError("the training fraction must be a number in [0, 1], got nan")
+        f = min(max(float(fraction), 0.0), 1.0)
+        p = self.p_at(f)
+        self.progress.fill_(f)
+        self.p.fill_(p)
+        self._progress, self._p = f, p
+
+    @property
+    def current_p(self) -> float:
+        """The exponent in use."""
+        return self._p
+
+    @property
+    def coefficient(self) -> float:
+        """λ · ``coef_scale``: the coefficient ``forward`` applies."""
+        return self.weight * self._scale
+
+    # ---------------------------------------------------------------- the value
+    def _terms(self, x: Tensor, p: float) -> Tensor:
+        """|x|^p elementwise (the chord below ε for p < 1), in x's dtype; x must not be the caller's tensor."""
+        mag = x.abs()
+        if p == 1.0:
+            return mag
+        if p > 1.0:
+            return mag.pow(p)
+        big = mag >= self.eps  # False for NaN: the chord carries it into the value (reported by check)
+        base = torch.where(big, mag, self.eps)  # ≥ ε: |a|^p and its gradient stay finite
+        return torch.where(big, base.pow(p), mag * self.eps ** (p - 1.0))
+
+    def _evaluate(self, a: Tensor, weight: float) -> Tensor:
+        """``weight · Σ|a|^p / batch`` at the current p; no state changes."""
+        if self._p == 1.0:
+            return F.scaled_l1(a, weight, check=self.check)  # L1's own node: Lp(p=1) is L1
+        F._check_activations(a)
+        # a copy, so that autograd keeps no reference to a (an in-place layer after the hook may overwrite it)
+        x = a.to(F._compute_dtype(a.dtype), copy=True)
+        out = self._terms(x, self._p).sum() * (weight / a.shape[0])
+        return F._in_caller_dtype(out, a, self.check)
+
+    def value(self, a: Tensor) -> Tensor:
+        """Σ|a|^p / batch at the current p, unweighted (without λ or ``coef_scale``)."""
+        return self._evaluate(a, 1.0)
+
+    def _scaled(self, a: Tensor, weight: float) -> Tensor:
+        F._check_activations(a)
+        return self._evaluate(a, weight * self._scale_for(a))
+
+    def weighted(self, a: Tensor, weight: float | Tensor, *, slot: tuple[int, int] = (0, 0)) -> Tensor:
+        if isinstance(weight, Tensor):  # one coefficient per unit: each times coef_scale
+            F._check_activations(a)
+            weight = weight * self._scale_for(a)
+        return super().weighted(a, weight, slot=slot)
+
+    def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of |a|^p, / batch
+        F._check_activations(a)
+        x = a.to(F._compute_dtype(a.dtype), copy=True)
+        return self._terms(x, self._p).sum(dim=F._reduce_dims(a, self.unit_dim)) / a.shape[0]
+
+    # ---------------------------------------------------------------- the rescaling
+    def _scale_for(self, a: Tensor) -> float:
+        """``coef_scale``, first rescaled to the current p if p changed (training forwards only)."""
+        if self.rescale and self._p != self._scale_p and self.training and torch.is_grad_enabled():
+            self._rescale(a)
+        return self._scale
+
+    @torch.no_grad()
+    def _rescale(self, a: Tensor) -> None:
+        x = a.detach().to(F._compute_dtype(a.dtype))
+        sums = torch.stack([self._terms(x, self._scale_p).sum(), self._terms(x, self._p).sum()]).double()
+        if self.stats_group is not None:  # every rank takes the same ratio
+            torch.distributed.all_reduce(sums, group=self.stats_group)
+        old, new = sums.tolist()
+        scale = self._scale * (old / new) if new > 0 and math.isfinite(new) and math.isfinite(old) else 0.0
+        if not 0.0 < scale < math.inf:
+            return  # an all-zero or non-finite batch: the next one rescales
+        self.coef_scale.fill_(scale)
+        self.coef_scale_p.fill_(self._p)
+        self._scale, self._scale_p = scale, self._p
+
+    # ---------------------------------------------------------------- state
+    def _refresh(self) -> None:
+        """The Python copies of the buffers (read at every call without a host sync)."""
+        values = {name: float(getattr(self, name)) for name in _LP_STATE}
+        for name in ("p", "coef_scale", "coef_scale_p"):
+            if not 0.0 < values[name] < math.inf:
+                raise ValueError(f"Lp: the state {name} must be a finite number > 0, got {values[name]!r}")
+        if not 0.0 <= values["progress"] <= 1.0:
+            raise ValueError(f"Lp: the state progress must lie in [0, 1], got {values['progress']!r}")
+        self._p, self._progress = values["p"], values["progress"]
+        self._scale, self._scale_p = values["coef_scale"], values["coef_scale_p"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to()``, ``.half()``... move the state but keep it float64: a model cast to float16 must
+        not round p or the scale, or a resumed run would differ."""
+        own = {name: self._buffers[name] for name in _LP_STATE if self._buffers.get(name) is not None}
+        for name in own:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, b in own.items():
+                probe = fn(torch.zeros((), dtype=torch.float64, device=b.device))
+                self._buffers[name] = b.to(probe.device) if isinstance(probe, Tensor) else b
+        return self
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr(), f"p={self._p:g}"]
+        if self.p_end is not None:
+            parts.append(f"anneal={self.p_start:g}->{self.p_end:g} over [{self.anneal_start:g}, {self.anneal_end:g}]")
+            if self.levels is not None:
+                parts.append(f"levels={self.levels}")
+            if self.rescale:
+                parts.append(f"coef_scale={self._scale:.4g}")
+        return ", ".join(parts)
+
+
 #: Registry of penalty names (CLI and config files resolve ``--penalty NAME`` here).
 PENALTIES: dict[str, type[Penalty]] = {
     "kl": BernoulliKL,
@@ -715,6 +985,7 @@ PENALTIES: dict[str, type[Penalty]] = {
     "l1": L1,
     "l2": L2,
     "hoyer": Hoyer,
+    "lp": Lp,
 }
 
 

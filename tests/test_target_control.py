@@ -555,7 +555,7 @@ def test_sae_binds_l0_to_its_jumprelu_and_reads_pre_activations():
         out = model(x)
         out.sparsity_loss.backward()
         assert model.W_enc.grad is None or float(model.W_enc.grad.abs().sum()) == 0.0
-        assert float(act.log_threshold.grad.abs().sum()) > 0
+        assert float(act.threshold.grad.abs().sum()) > 0
         opt.step()
     with torch.no_grad():
         pre = model.encode_pre(x)

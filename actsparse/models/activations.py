@@ -149,36 +149,51 @@ class BatchTopK(nn.Module):
 
 
 class _JumpReLUFn(torch.autograd.Function):
-    """z·H(z − θ); ∂/∂z = H(z − θ); ∂/∂θ := −(θ/ε)·K((z − θ)/ε) (Rajamanoharan et al. 2024, eq. 11)."""
+    """z·H(z − θ); ∂/∂z = H(z − θ); ∂/∂θ := −(θ/ε)·K((z − θ)/ε) (Rajamanoharan et al. 2024, eq. 11).
+
+    The kernel is evaluated in at least float32: in bf16, z − θ has a resolution of about θ/256,
+    as coarse as the window ε itself, and the thresholds would see a gradient of noise."""
 
     @staticmethod
     def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        return z * (z > threshold)
+        return z * (z > threshold.to(z.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         z, threshold = ctx.saved_tensors
-        kernel = F.rectangle_kernel(z, threshold, ctx.bandwidth)
-        grad_z = grad * (z > threshold) if ctx.needs_input_grad[0] else None
+        grad_z = grad * (z > threshold.to(z.dtype)) if ctx.needs_input_grad[0] else None
         grad_t = None
         if ctx.needs_input_grad[1]:
-            grad_t = (-(threshold * kernel) * grad).sum_to_size(threshold.shape)
+            wide = torch.promote_types(threshold.dtype, torch.float32)
+            zw, tw = z.to(wide), threshold.to(wide)
+            kernel = F.rectangle_kernel(zw, tw, ctx.bandwidth)
+            grad_t = (-(tw * kernel) * grad.to(wide)).sum_to_size(threshold.shape).to(threshold.dtype)
         return grad_z, grad_t, None
 
 
 class JumpReLU(nn.Module):
-    """z·H(z − θ) with a learned threshold θ_j = exp(log_threshold_j) > 0 per unit.
+    """z·H(z − θ) with a learned threshold θ_j >= 0 per unit (Rajamanoharan et al. 2024, "Jumping
+    Ahead: Improving reconstruction fidelity with JumpReLU sparse autoencoders").
 
     Args:
         d_sae: number of units.
         init_threshold: initial θ. Default 0.001.
         bandwidth: ε of the straight-through pseudo-derivative. Default 0.001.
 
+    ``threshold`` ``(d_sae,)`` is the parameter itself, not its log: Adam moves a parameter by about
+    its learning rate per step, so a log-threshold grows by a *factor* e^lr a step and a small
+    θ₀ barely moves in a run's budget (θ₀ = 0.001 → 0.1 takes ln 100 / lr ≈ 4,600 steps at lr
+    1e-3), while θ itself reaches 0.1 in about 100. θ is kept >= 0 by a projection in training
+    forwards (a clamp in the graph would zero the gradient of a unit that reaches 0), and it stays
+    float32 when the model is cast to bf16/fp16 (its steps of ~lr would round away in bf16: its
+    spacing near 0.1 is 0.0005); it is cast to the pre-activations' dtype where it is used.
+
     Pair it with the L0 penalty of the paper, :class:`actsparse.L0`: a
     :class:`~actsparse.models.SparseAutoencoder` binds an ``L0()`` to its JumpReLU's current θ
-    (``L0(weight).toward(l0=k)`` to state the L0 instead of λ).
+    (``L0(weight).toward(l0=k)`` to state the L0 instead of λ). Checkpoints that hold the former
+    ``log_threshold`` load (θ = exp of it).
     """
 
     def __init__(self, d_sae: int, init_threshold: float = 0.001, bandwidth: float = 0.001,
@@ -189,18 +204,48 @@ class JumpReLU(nn.Module):
         F.check_positive("init_threshold", init_threshold)
         F.check_positive("bandwidth", bandwidth)
         self.bandwidth = float(bandwidth)
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold), device=device, dtype=dtype))
-
-    @property
-    def threshold(self) -> Tensor:
-        return self.log_threshold.exp()
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold), device=device,
+                                                 dtype=_master_dtype(dtype)))
 
     def forward(self, z: Tensor) -> Tensor:
         _check_pre(z)
-        if z.shape[-1] != self.log_threshold.shape[0]:  # (b, 1) would broadcast silently to (b, d_sae)
-            raise ValueError(f"JumpReLU has d_sae={self.log_threshold.shape[0]} units, got pre-activations of shape "
+        if z.shape[-1] != self.threshold.shape[0]:  # (b, 1) would broadcast silently to (b, d_sae)
+            raise ValueError(f"JumpReLU has d_sae={self.threshold.shape[0]} units, got pre-activations of shape "
                              f"{tuple(z.shape)}")
-        return _JumpReLUFn.apply(z, self.threshold.to(z.dtype), self.bandwidth)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():  # the projection on θ >= 0 (after the optimiser's last step)
+                self.threshold.clamp_(min=0.0)
+        return _JumpReLUFn.apply(z, self.threshold, self.bandwidth)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``.to(device)``, ``.double()`` apply to θ; a cast to fp16/bf16 moves it but keeps it float32
+        (taken out of the base class's cast, so it is never rounded)."""
+        t = self._parameters.pop("threshold")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.zeros((), dtype=torch.float32))
+            keep = probe.dtype in (torch.float32, torch.float64)
+            with torch.no_grad():
+                t.data = fn(t.data) if keep else t.data.to(probe.device)
+                if t.grad is not None:
+                    t.grad = fn(t.grad) if keep else t.grad.to(probe.device)
+            self._parameters["threshold"] = t
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        old = prefix + "log_threshold"
+        if old in state_dict and prefix + "threshold" not in state_dict:  # a checkpoint from before θ was direct
+            state_dict[prefix + "threshold"] = state_dict.pop(old).double().exp().to(self.threshold.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"d_sae={self.threshold.shape[0]}, bandwidth={self.bandwidth:g}"
+
+
+def _master_dtype(dtype) -> torch.dtype:
+    """The dtype of a JumpReLU's θ: float64 for a float64 model, else float32 (see :class:`JumpReLU`)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class KSparse(nn.Module):

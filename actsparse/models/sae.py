@@ -124,7 +124,15 @@ class SparseAutoencoder(nn.Module):
         auxk_coef: coefficient of the AuxK loss. Default 1/32.
         dead_after: a unit is dead when it has not fired in this many samples. Default 10,000.
         init: ``ufldl`` (uniform ±√(6/(d_in + d_hidden + 1)), zero biases) or ``orthogonal_tied``
-            (decoder rows unit norm, encoder = decoderᵀ, as in Gao et al.).
+            (random decoder rows of norm ``init_scale``, encoder = decoderᵀ, as in Gao et al.).
+        init_scale: ``orthogonal_tied`` only: the norm of each encoder row, and of each decoder
+            atom unless ``unit_norm_decoder`` holds them at 1. Default 1 (Gao et al.'s TopK init);
+            0.1 is the L1 SAE's (Conerly et al. 2024, "Circuits Updates — April 2024"): unit-norm
+            encoder rows start every latent with large pre-activations, and an L1 SAE then spends
+            its budget shrinking them.
+        penalty_on_decoder_norm: apply the penalty to ``h_j·‖W_dec_j‖`` instead of ``h_j``
+            (Conerly et al. 2024): with free decoder norms, an L1 that ignores them is cheated by
+            small codes on long atoms. Default False.
         decode: ``sparse`` encodes and decodes a TopK code with only its k active units per
             sample (:mod:`~actsparse.models.sparse_topk`: same values and gradients, much less
             work when k ≪ d_hidden); ``dense`` builds the ``(batch, d_hidden)`` code; ``auto``
@@ -154,6 +162,8 @@ class SparseAutoencoder(nn.Module):
         auxk_coef: float = 1 / 32,
         dead_after: int = 10_000,
         init: Literal["ufldl", "orthogonal_tied"] = "ufldl",
+        init_scale: float = 1.0,
+        penalty_on_decoder_norm: bool = False,
         decode: Decode = "auto",
         device=None,
         dtype=None,
@@ -202,6 +212,10 @@ class SparseAutoencoder(nn.Module):
         self.auxk = auxk
         self.auxk_coef = float(auxk_coef)
         self.dead_after = int(dead_after)
+        if isinstance(init_scale, bool) or not (isinstance(init_scale, (int, float)) and 0 < init_scale < math.inf):
+            raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+        self.init_scale = float(init_scale)
+        self.penalty_on_decoder_norm = bool(penalty_on_decoder_norm)
         self.sparse = self._choose_sparse(decode)
 
         self.W_enc = nn.Parameter(torch.empty(d_hidden, d_in, **fk))
@@ -249,7 +263,7 @@ class SparseAutoencoder(nn.Module):
                 self.W_dec.uniform_(-r, r)
         elif init == "orthogonal_tied":
             w = torch.randn_like(self.W_enc)
-            w /= w.norm(dim=1, keepdim=True)
+            w *= getattr(self, "init_scale", 1.0) / w.norm(dim=1, keepdim=True)
             if self.W_dec is not None:
                 self.W_dec.copy_(w)
             self.W_enc.copy_(w)
@@ -323,7 +337,7 @@ class SparseAutoencoder(nn.Module):
         zero = x_hat.new_zeros(())
         recon = reconstruction_loss(x_hat, x, self.recon_loss)
         on_pre = getattr(self, "_l0_on_pre", False)  # (a model pickled before L0 existed has no flag)
-        sparsity = self.penalty(pre.detach() if on_pre else h) if self.penalty is not None else zero
+        sparsity = self._sparsity(pre.detach() if on_pre else h) if self.penalty is not None else zero
         decay = zero
         if self.weight_decay:
             mats = [self.W_enc] if self.W_dec is None else [self.W_enc, self.W_dec]
@@ -332,6 +346,13 @@ class SparseAutoencoder(nn.Module):
             self._track_firing(h)
         auxk = self._auxk_loss(x_in, pre, x, x_hat) if (self.auxk and self.training) else zero
         return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk)
+
+    def _sparsity(self, h: Tensor) -> Tensor:
+        """The penalty on the code ``h`` ``(batch, d_hidden)``, on ``h_j·‖W_dec_j‖`` when
+        ``penalty_on_decoder_norm`` (not for an L0 on a JumpReLU's pre-activations: a count)."""
+        if getattr(self, "penalty_on_decoder_norm", False) and not getattr(self, "_l0_on_pre", False):
+            h = h * torch.linalg.vector_norm(self.atoms, dim=1)
+        return self.penalty(h)
 
     def _select(self, x_in: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
         """Pre-activations at ``idx`` ``(batch, k)``; on the sparse path with the sparse backward."""
@@ -394,9 +415,14 @@ class SparseAutoencoder(nn.Module):
         return self.auxk_coef * world * (r_hat - residual).square().sum() / denom.clamp_min(1e-12)
 
     def set_progress(self, fraction: float) -> None:
-        """Tell schedules (k-sparse annealing) how far training is, in [0, 1]."""
+        """Tell schedules how far training is, in [0, 1]: k-sparse annealing, and any penalty with a
+        schedule (p-annealing of :class:`~actsparse.penalties.Lp`, also inside ``toward`` or a sum)."""
         if isinstance(self.activation, KSparse):
             self.activation.set_progress(fraction)
+        if self.penalty is not None:
+            for m in self.penalty.modules():
+                if m is not self and callable(getattr(m, "set_progress", None)):
+                    m.set_progress(fraction)
 
     @property
     def k(self) -> int | None:
