@@ -40,6 +40,8 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
             kwargs["target"] = cfg.target
         if key == "frequency_kl":  # None: FrequencyKL's own default (TrainConfig refuses them for other penalties)
             kwargs.update({n: getattr(cfg, n) for n in ("bandwidth", "threshold") if getattr(cfg, n) is not None})
+        if key == "lp" and cfg.p_end is not None:
+            kwargs["p_end"] = cfg.p_end
         penalty = get_penalty(cfg.penalty, **kwargs)
         control = cfg.control()
         if control is not None:  # --target-*: the coefficient adapted during training, --weight its start
@@ -51,9 +53,24 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
         sizes = [d_in, *cfg.sizes]
         return StackedAutoencoder(sizes, cfg.activation, output=cfg.decoder, weight_decay=cfg.weight_decay,
                                   recon_loss=recon, penalties={len(sizes) - 2: penalty} if penalty else None)
-    modern = cfg.activation in ("topk", "batchtopk", "jumprelu")
+    activation: Any = cfg.activation
+    if cfg.activation == "jumprelu":  # --threshold: θ₀, --bandwidth: ε (None: the JumpReLU's own defaults)
+        from .models.activations import JumpReLU
+
+        kw = {"init_threshold": cfg.threshold, "bandwidth": cfg.bandwidth}
+        activation = JumpReLU(cfg.hidden, **{k: v for k, v in kw.items() if v is not None})
+    sae = cfg.sae_recipe
+    # the SAE recipe: encoder = decoderᵀ at init; a penalty on free decoder norms is weighted by them
+    unit_norm = bool(cfg.unit_norm_decoder) if sae else False
+    extra: dict[str, Any] = {}
+    if cfg.matryoshka is not None:
+        extra["matryoshka"] = cfg.matryoshka
+    if cfg.resample_every is not None:
+        extra["resample_every"] = cfg.resample_every
     return SparseAutoencoder(
-        d_in, cfg.hidden, cfg.activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
-        weight_decay=cfg.weight_decay, recon_loss=recon,
-        unit_norm_decoder=modern, init="orthogonal_tied" if modern else "ufldl", auxk=cfg.auxk, decode=cfg.decode,
+        d_in, cfg.hidden, activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
+        weight_decay=cfg.weight_decay, recon_loss=recon, unit_norm_decoder=unit_norm,
+        init="orthogonal_tied" if sae else "ufldl", init_scale=cfg.init_scale if sae else 1.0,
+        penalty_on_decoder_norm=sae and not unit_norm, pre_bias=bool(cfg.pre_bias), auxk=cfg.auxk,
+        auxk_coef=cfg.auxk_coef, dead_after=cfg.dead_after, decode=cfg.decode, **extra,
     )

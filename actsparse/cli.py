@@ -178,7 +178,8 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
             flag = "--" + name.replace("_", "-")
             kind = hints[name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
-            if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+            optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1
+            if optional:
                 kind = args[0]  # X | None: the flag takes an X
             doc = _plain(docs.get(name, ""))
             value = getattr(default, name)
@@ -187,6 +188,9 @@ def _help_text(cls: type, default: object, prog: str, description: str, epilog: 
             if "Default:" not in doc:
                 shown = none_means.get(name, "none") if value is None else _show_default(value)
                 doc = f"{doc} Default: {shown}.".strip()
+            if kind is bool and optional:  # bool | None (a recipe's default): tyro takes --flag True|False
+                group.add_argument(flag, metavar="{True,False}", help=doc)
+                continue
             if kind is bool:
                 group.add_argument(flag, f"--no-{flag[2:]}", action="store_true", help=doc)
                 continue
@@ -264,8 +268,8 @@ def _train_defaults(values: dict):
 
     cfg = TrainConfig(**values)
     for name in TrainConfig.RECIPE_FIELDS:
-        if values.get(name) is None:
-            setattr(cfg, name, None)
+        if name not in values or values[name] is None and name not in TrainConfig.UNRESOLVED:
+            setattr(cfg, name, TrainConfig.UNRESOLVED.get(name))
     return cfg
 
 
@@ -395,15 +399,15 @@ def cmd_eval(argv: list[str]) -> int:
     import json
 
     from .data import load_data
-    from .runner import dictionary_recovery
+    from .evaluation import ground_truth_metrics
     from .train import evaluate
 
     a, model, cfg = _load_run(argv, "actsparse eval")
     data = load_data(cfg)
     m = evaluate(model, data.x)
-    recovery = dictionary_recovery(model, data)
-    if recovery is not None:
-        m["mmcs"] = recovery
+    gt = ground_truth_metrics(model, data, cfg.seed)
+    if gt is not None:
+        m |= gt
     print(json.dumps({"run": a.run, "data": data.description, **m}, indent=2))
     return 0
 

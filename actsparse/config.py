@@ -38,7 +38,12 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used (the message says which and why)."""
 
 
-Activation = Literal["sigmoid", "relu", "topk", "batchtopk", "jumprelu", "ksparse"]
+Activation = Literal["sigmoid", "relu", "topk", "batchtopk", "jumprelu", "gated", "ksparse"]
+Recipe = Literal["auto", "classic", "sae"]
+#: Activations that make a run an SAE recipe under ``--recipe auto``.
+SAE_ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "gated")
+#: The top-k family: they fix the number of active units themselves.
+TOPK_FAMILY = ("topk", "batchtopk", "ksparse")
 Optimizer = Literal["lbfgs", "adam", "sgd"]
 Whiten = Literal["none", "1/f", "zca"]
 
@@ -49,7 +54,9 @@ class TrainConfig:
 
     data: str = "patches"
     """Data source: ``patches`` (natural images shipped with the package), ``digits``
-    (scikit-learn's 8×8 digits), ``synthetic`` (sparse ground truth), a file (.npy, .npz, .pt,
+    (scikit-learn's 8×8 digits), ``synthetic`` (sparse ground truth), ``ground-truth`` (known
+    features with Zipfian firing, a hierarchy and correlations; settings as
+    ``ground-truth:n_features=512,d=64,mean_active=8``), a file (.npy, .npz, .pt,
     .safetensors, .csv, MNIST IDX ``*-ubyte[.gz]`` or ``*.idx``), an image folder (``folder:DIR`` or
     a directory: patches are cut from its images), ``torchvision:NAME:ROOT`` (needs torchvision;
     nothing is downloaded), or ``shards:DIR``, an activation store written by ``actsparse
@@ -69,40 +76,77 @@ class TrainConfig:
     pretrain: bool = False
     """For ``--model stacked``: greedy layer-wise pretraining (one sparse autoencoder per layer,
     ``--iterations``/``--epochs`` each) before fine-tuning the whole stack."""
+    recipe: Recipe = "auto"
+    """What the settings below are when left unset: ``classic`` (Ng's CS294A
+    autoencoder: sigmoid decoder, L-BFGS, KL penalty, UFLDL init, weight decay) or ``sae`` (a
+    sparse autoencoder of the interpretability field: linear decoder, Adam, L1 for ReLU and
+    gated units, L0 for JumpReLU, none for the top-k family, encoder = decoderᵀ at init, no weight
+    decay, the decoder bias subtracted from the input). ``auto``: ``sae`` for the topk,
+    batchtopk, jumprelu and gated activations and for ``synthetic``, ``ground-truth`` and
+    ``shards:`` data; else ``classic``."""
     hidden: int = 25
     """Number of hidden units (d_sae)."""
     activation: Activation = "sigmoid"
     """Hidden activation (``topk``, ``batchtopk`` and ``ksparse`` need ``--k``)."""
     k: int | None = None
     """Active units per sample for topk, batchtopk and ksparse."""
-    decoder: Literal["sigmoid", "linear"] = "sigmoid"
-    """Output units: ``sigmoid`` (inputs in [0, 1]) or ``linear``."""
+    decoder: Literal["sigmoid", "linear"] | None = None
+    """Output units: ``sigmoid`` (inputs in [0, 1]) or ``linear``. Default: sigmoid for
+    ``--recipe classic``, linear for ``sae``."""
     tied: bool = False
     """Tie the decoder to the encoder's transpose."""
     auxk: int | None = None
     """AuxK loss on this many dead latents (Gao et al. 2024; topk and batchtopk SAEs only)."""
+    auxk_coef: float = 1 / 32
+    """Coefficient of the AuxK loss (Gao et al. 2024 use 1/32)."""
+    dead_after: int = 10_000
+    """A unit is dead when it has not fired in this many training samples (AuxK, resampling,
+    the logged dead fraction)."""
+    resample_every: int | None = None
+    """Resample dead units every this many steps (Bricken et al. 2023): a dead unit's atom is
+    set to an input the model reconstructs badly, and its optimiser state is reset. Default: off."""
+    matryoshka: tuple[int, ...] | None = None
+    """Nested dictionary sizes m₁ < m₂ < … (Bussmann et al. 2025): each prefix of the latents
+    must reconstruct the input on its own; the loss sums the prefixes' reconstructions."""
+    init_scale: float | None = None
+    """``--recipe sae``: the norm of each encoder row at init (encoder = decoderᵀ). Default: 0.1
+    for relu, jumprelu and gated units (Conerly et al. 2024), 1 for the top-k family (Gao et al. 2024)."""
+    unit_norm_decoder: bool | None = None
+    """``--recipe sae``: hold each decoder atom at unit norm. Default: on for the top-k family;
+    off for relu, jumprelu and gated units, whose penalty is then weighted by each atom's norm
+    (Conerly et al. 2024)."""
+    pre_bias: bool | None = None
+    """Subtract the decoder bias from the input before encoding. Default: off; on for ``--recipe sae``."""
     decode: Literal["auto", "dense", "sparse"] = "auto"
     """TopK SAEs: ``sparse`` encodes and decodes with only the k active units per sample (same
     result, much faster when k ≪ hidden); ``auto`` picks it when it is faster."""
 
-    penalty: str | None = "kl"
+    penalty: str | None = "auto"
     """Sparsity penalty on the hidden code: ``kl`` or ``bernoulli_kl`` (KL of the mean
     activation, for sigmoid units in [0, 1]), ``poisson_kl`` (generalised KL, for ReLU units),
     ``frequency_kl`` (KL of how often a unit fires, see ``--threshold``), ``l0`` (active units
     per sample; with ``--activation jumprelu`` it trains the learned thresholds, as in JumpReLU
-    SAEs), ``l1``, ``l2``, ``hoyer``, or ``none``."""
+    SAEs), ``l1``, ``lp`` (Σ|a|^p, p annealed from 1 to ``--p-end``), ``l2``, ``hoyer``, or
+    ``none``. Default: kl for ``--recipe classic``; for ``sae``, l1 for relu and gated units, l0
+    for jumprelu, none for the top-k family."""
     target: float | None = None
     """Target ρ of the KL penalties: the mean activation (``kl``, ``poisson_kl``) or the firing
     frequency (``frequency_kl``). Default: 0.01; 0.1 for ``--data digits`` (the MNIST exercise of
     the UFLDL tutorial)."""
-    weight: float = 3.0
-    """Coefficient β (or λ for L1/L2/Hoyer) of the penalty."""
+    weight: float | None = None
+    """Coefficient β (or λ for L1/L2/Hoyer/L0) of the penalty. Default: 3 (β of Ng's exercise);
+    for ``--recipe sae``, 1e-3 for l1/lp and 1e-4 for l0 (the reconstruction loss is then the
+    mean squared error per element, so λ is SAELens' l1_coefficient divided by d_in)."""
+    p_end: float | None = None
+    """``--penalty lp``: the final p of p-annealing (Karvonen et al. 2024): p goes from 1 to this
+    over training. Default: 1 (plain L1)."""
     bandwidth: float | None = None
-    """``--penalty frequency_kl`` only: width ε of the pseudo-gradient window around
-    ``--threshold``, in activation units. Only activations within ε/2 of the threshold are pushed,
-    so choose ε on the scale of the activations."""
+    """``--penalty frequency_kl`` and ``--activation jumprelu``: width ε of the pseudo-gradient
+    window around the threshold, in activation units. Only activations within ε/2 of the threshold
+    are pushed, so choose ε on the scale of the activations."""
     threshold: float | None = None
-    """``--penalty frequency_kl`` only: θ, a unit fires when its activation is > θ."""
+    """``--penalty frequency_kl``: θ, a unit fires when its activation is > θ.
+    ``--activation jumprelu``: the initial learned threshold θ₀."""
 
     target_l0: float | None = None
     """Adapt the penalty's coefficient during training, starting from ``--weight``, until the
@@ -123,8 +167,9 @@ class TrainConfig:
     coefficient within a few iterations), 0.02 for minibatch optimisers (it takes tens of steps
     to answer, and a larger η overshoots)."""
 
-    optimizer: Optimizer = "lbfgs"
-    """``lbfgs`` (full batch) or a minibatch optimiser."""
+    optimizer: Optimizer | None = None
+    """``lbfgs`` (full batch) or a minibatch optimiser. Default: lbfgs for ``--recipe classic``,
+    adam for ``sae``."""
     iterations: int = 400
     """L-BFGS iterations."""
     epochs: int = 10
@@ -139,6 +184,9 @@ class TrainConfig:
     MNIST and linear-decoder exercises: with 1e-4 their filters come out as pixel noise)."""
     validation: float = 0.1
     """Fraction of samples held out for the validation loss (reported without the penalty)."""
+    final_samples: int | None = None
+    """The final metrics are measured on this many samples of the training split (a random
+    subset; 0: on the validation split instead). Default: all of it (a streamed store: 65,536)."""
     on_nan: Literal["stop", "rollback"] = "stop"
     """When the loss or the weights become NaN/Inf: ``stop`` with a message naming the step and the
     loss terms (the last good checkpoint is kept), or ``rollback`` to the last good checkpoint with
@@ -255,6 +303,7 @@ class TrainConfig:
         self._check_target()
         self._check_frequency_settings()
         self._check_control()
+        self._check_sae_settings()
         if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) \
                 or not 0 <= self.validation < 1:
             raise ConfigError(f"--validation must be in [0, 1), got {self.validation!r}")
@@ -273,7 +322,19 @@ class TrainConfig:
                                   f"got {getattr(self, name)!r}")
 
     #: Fields whose default (None) is resolved from the other settings by _resolve_recipe_defaults.
-    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target", "control_rate")
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target", "control_rate", "decoder", "optimizer",
+                                                 "penalty", "weight", "init_scale", "unit_norm_decoder", "pre_bias")
+    #: What a recipe field holds while unresolved (None, or ``auto`` for the penalty, whose None is "no penalty").
+    UNRESOLVED: ClassVar[dict[str, Any]] = {"penalty": "auto"}
+
+    @property
+    def sae_recipe(self) -> bool:
+        """Whether the run takes the ``sae`` recipe's defaults (``--recipe``, resolved for ``auto``)."""
+        if self.recipe != "auto":
+            return self.recipe == "sae"
+        data = self.data if isinstance(self.data, str) else ""
+        return self.activation in SAE_ACTIVATIONS or data == "synthetic" \
+            or data.startswith(("ground-truth", "shards:"))
 
     def _resolve_recipe_defaults(self) -> None:
         """Fill ``weight_decay`` and ``target`` when they are None with the value of the recipe the
@@ -282,10 +343,29 @@ class TrainConfig:
         MNIST exercise (λ = 3e-3, ρ = 0.1) and linear-decoder exercise on ZCA-whitened patches
         (λ = 3e-3). Measured in ``bench/bench_filters.py``: median smoothness of the digit filters
         0.25 → 0.44, of the ZCA filters 0.41 → 0.83."""
+        if self.recipe not in ("auto", "classic", "sae"):
+            raise ConfigError(f"--recipe must be auto, classic or sae, got {self.recipe!r}")
+        sae = self.sae_recipe
+        topk = self.activation in TOPK_FAMILY
+        if self.decoder is None:
+            self.decoder = "linear" if sae else "sigmoid"
+        if self.optimizer is None:
+            self.optimizer = "adam" if sae else "lbfgs"
+        if isinstance(self.penalty, str) and self.penalty.lower() == "auto":
+            self.penalty = ("none" if topk else "l0" if self.activation == "jumprelu" else "l1") if sae else "kl"
+        key = self.penalty_key if isinstance(self.penalty, str) else None
+        if self.weight is None:
+            self.weight = (1e-4 if key == "l0" else 1e-3) if sae and key in ("l1", "lp", "l0") else 3.0
+        if self.init_scale is None and sae:
+            self.init_scale = 1.0 if topk else 0.1
+        if self.unit_norm_decoder is None and sae:
+            self.unit_norm_decoder = topk
+        if self.pre_bias is None:
+            self.pre_bias = sae
         digits = self.data == "digits"
         zca_linear = self.whiten == "zca" and self.decoder == "linear"
         if self.weight_decay is None:
-            self.weight_decay = 3e-3 if digits or zca_linear else 1e-4
+            self.weight_decay = 0.0 if sae else 3e-3 if digits or zca_linear else 1e-4
         if self.target is None:
             self.target = 0.1 if digits else 0.01
         if self.control_rate is None:
@@ -363,6 +443,65 @@ class TrainConfig:
             raise ConfigError(f"--activation {self.activation} fixes the number of active units itself (--k): "
                               f"{flags[0]} has nothing to adapt")
 
+    def _check_sae_settings(self) -> None:
+        """The knobs of modern SAEs: types, ranges, and the model they belong to."""
+        def bad(flag: str, what: str, v: object) -> ConfigError:
+            return ConfigError(f"--{flag} must be {what}, got {v!r}")
+
+        v = self.auxk_coef
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise bad("auxk-coef", "a finite number >= 0", v)
+        for name in ("dead_after", "resample_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise bad(name.replace("_", "-"), "a positive integer", v)
+        if self.dead_after is None:
+            raise bad("dead-after", "a positive integer", None)
+        for name in ("unit_norm_decoder", "pre_bias"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise bad(name.replace("_", "-"), "true or false", v)
+        v = self.init_scale
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise bad("init-scale", "a finite number > 0", v)
+            if not self.sae_recipe:
+                raise ConfigError("--init-scale sets the SAE init (encoder = decoderᵀ) of --recipe sae; the classic "
+                                  "recipe uses the UFLDL init")
+        if self.unit_norm_decoder and not self.sae_recipe:
+            raise ConfigError("--unit-norm-decoder belongs to --recipe sae")
+        v = self.final_samples
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise bad("final-samples", "an integer >= 0", v)
+        if v == 0 and not self.validation:
+            raise ConfigError("--final-samples 0 measures the final metrics on the validation split, but "
+                              "--validation is 0: hold out some samples or measure a subset (--final-samples N)")
+        if self.matryoshka is not None:
+            m = self.matryoshka
+            if isinstance(m, int) and not isinstance(m, bool):
+                m = (m,)
+            if not isinstance(m, (tuple, list)) or not m or any(
+                    isinstance(s, bool) or not isinstance(s, int) for s in m):
+                raise bad("matryoshka", "nested dictionary sizes, e.g. --matryoshka 128 512 2048", self.matryoshka)
+            m = tuple(m)
+            if any(b <= a for a, b in zip(m, m[1:])) or m[0] < 1 or m[-1] > self.hidden:
+                raise ConfigError(f"--matryoshka sizes must increase and lie in [1, --hidden {self.hidden}], got "
+                                  f"{' '.join(map(str, m))}")
+            if self.model != "sae":
+                raise ConfigError("--matryoshka needs --model sae")
+            self.matryoshka = m
+        if self.resample_every is not None and (self.model != "sae" or self.optimizer == "lbfgs"):
+            raise ConfigError("--resample-every resamples dead units of a one-layer SAE between minibatch steps: it "
+                              "needs --model sae and a minibatch --optimizer (adam, sgd)")
+        if self.p_end is not None:
+            v = self.p_end
+            if self.penalty_key != "lp":
+                raise ConfigError(f"--p-end is the final p of --penalty lp, not of --penalty {self.penalty or 'none'}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise bad("p-end", "in (0, 1] (p is annealed down from 1)", v)
+        if self.activation == "gated" and self.model != "sae":
+            raise ConfigError("--activation gated is a one-layer SAE: it needs --model sae")
+
     def _check_frequency_settings(self) -> None:
         """``bandwidth`` and ``threshold`` belong to the firing-frequency KL alone: for another
         penalty they would be ignored silently, so they are refused."""
@@ -375,10 +514,14 @@ class TrainConfig:
         if self.bandwidth is not None and self.bandwidth <= 0:
             raise ConfigError(f"--bandwidth is a window width and must be > 0, got {self.bandwidth!r}")
         key = self.penalty_key
-        if given and key != "frequency_kl":
+        if given and key != "frequency_kl" and self.activation != "jumprelu":
             flags = " and ".join(f"--{n}" for n in given)
             raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} only to --penalty frequency_kl "
-                              f"(the firing-frequency KL), not to --penalty {self.penalty or 'none'}")
+                              f"(the firing-frequency KL) and --activation jumprelu (its initial threshold and "
+                              f"pseudo-gradient window), not to --penalty {self.penalty or 'none'}")
+        if self.activation == "jumprelu" and key != "frequency_kl" and self.threshold is not None \
+                and self.threshold <= 0:
+            raise ConfigError(f"--threshold is the JumpReLU's initial θ and must be > 0, got {self.threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -401,11 +544,13 @@ def check_run_name(name: object) -> str:
 #: The groups of ``actsparse train --help``, in order; every field of :class:`TrainConfig` is in one.
 FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data", "samples", "patch_size", "whiten"),
-    "model": ("model", "sizes", "pretrain", "hidden", "activation", "k", "decoder", "tied", "auxk", "decode"),
-    "penalty (sparsity)": ("penalty", "target", "weight", "bandwidth", "threshold", "target_l0", "target_rate",
-                           "target_mean", "per_unit", "control_rate"),
+    "model": ("recipe", "model", "sizes", "pretrain", "hidden", "activation", "k", "decoder", "tied", "auxk",
+              "auxk_coef", "dead_after", "resample_every", "matryoshka", "init_scale", "unit_norm_decoder",
+              "pre_bias", "decode"),
+    "penalty (sparsity)": ("penalty", "target", "weight", "p_end", "bandwidth", "threshold", "target_l0",
+                           "target_rate", "target_mean", "per_unit", "control_rate"),
     "optimisation": ("optimizer", "iterations", "epochs", "batch_size", "lr", "weight_decay", "validation",
-                     "on_nan", "max_rollbacks"),
+                     "final_samples", "on_nan", "max_rollbacks"),
     "run and output": ("seed", "out", "name", "config", "resume", "overwrite", "checkpoint_every", "plots",
                        "device", "threads"),
     "logging": ("progress", "tensorboard"),
@@ -416,6 +561,10 @@ NONE_MEANS: dict[str, str] = {
     "bandwidth": f"{DEFAULT_BANDWIDTH:g} (FrequencyKL's own)",
     "threshold": "0",
     "target_l0": "off (a fixed coefficient)",
+    "resample_every": "off",
+    "matryoshka": "off (one dictionary)",
+    "final_samples": "all",
+    "p_end": "1",
     "target_rate": "off",
     "target_mean": "off",
 }
@@ -425,7 +574,12 @@ NONE_MEANS: dict[str, str] = {
 def _field_kinds() -> tuple[dict[str, tuple], tuple[str, ...]]:
     """The choices of each ``Literal`` field and the names of the ``bool`` fields of TrainConfig."""
     hints = typing.get_type_hints(TrainConfig)
-    choices = {n: typing.get_args(t) for n, t in hints.items() if typing.get_origin(t) is Literal}
+    choices = {}
+    for n, t in hints.items():
+        if typing.get_origin(t) is typing.Union:  # Literal[...] | None: a recipe field, resolved before the check
+            t = next((a for a in typing.get_args(t) if typing.get_origin(a) is Literal), t)
+        if typing.get_origin(t) is Literal:
+            choices[n] = typing.get_args(t)
     return choices, tuple(n for n, t in hints.items() if t is bool)
 
 

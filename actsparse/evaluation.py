@@ -14,7 +14,11 @@ from torch import Tensor
 from . import metrics as M
 from .models.sparse_topk import SparseCode
 
-__all__ = ["evaluate", "unit_statistics", "split_indices", "training_split", "penalty_target"]
+__all__ = ["evaluate", "unit_statistics", "split_indices", "training_split", "penalty_target",
+           "ground_truth_metrics", "GROUND_TRUTH_EVAL_SAMPLES"]
+
+#: Fresh samples drawn from a ground-truth generator to score feature detection (F1).
+GROUND_TRUTH_EVAL_SAMPLES = 20_000
 
 
 @torch.no_grad()
@@ -122,3 +126,46 @@ def penalty_target(model: torch.nn.Module) -> tuple[float, str] | None:
         return None
     inner = getattr(pen, "inner", pen)
     return float(target), "firing frequency" if isinstance(inner, FrequencyKL) else "mean activation"
+
+
+@torch.no_grad()
+def ground_truth_metrics(model: torch.nn.Module, data, seed: int = 0) -> dict[str, float] | None:
+    """How well a one-layer SAE's dictionary recovers the data's known features, or None when the
+    data have none (or the model is not a one-layer SAE).
+
+    Always: ``mmcs`` (:func:`~actsparse.metrics.mmcs`) and ``mcc`` (one-to-one Hungarian
+    matching, :func:`~actsparse.metrics.mcc`) of the decoder atoms against ``data.true_features``.
+    With true codes — fresh samples from ``data.truth`` (:data:`GROUND_TRUTH_EVAL_SAMPLES`, seed
+    ``seed + 1``: held out from training) or the ``true_codes`` saved with the data — also
+    ``f1``, ``precision``, ``recall`` of feature detection (:func:`~actsparse.metrics.feature_f1`,
+    SynthSAEBench's rule), ``variance_explained``, ``heldout_l0``, ``true_l0`` (of the true codes)
+    and ``dead_latents``/``dense_latents``
+    (:func:`~actsparse.metrics.latent_usage`) on those samples, in eval mode."""
+    if getattr(data, "true_features", None) is None or not hasattr(model, "atoms"):
+        return None
+    atoms = model.atoms.detach().float().cpu()
+    truth = data.true_features.float().cpu()
+    out: dict[str, float] = {"mmcs": float(M.mmcs(truth, atoms)), "mcc": float(M.mcc(truth, atoms))}
+    if getattr(data, "truth", None) is not None:
+        x, codes = data.truth.sample(GROUND_TRUTH_EVAL_SAMPLES, seed + 1)
+    elif getattr(data, "true_codes", None) is not None:
+        x, codes = data.x[:GROUND_TRUTH_EVAL_SAMPLES], data.true_codes[:GROUND_TRUTH_EVAL_SAMPLES]
+    else:
+        return out
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = model.atoms.dtype
+    try:
+        parts = [model(xb.to(device, dtype)) for xb in x.split(4096)]
+    finally:
+        model.train(was_training)
+    code = torch.cat([(p.code.to_dense() if isinstance(p.code, SparseCode) else p.code).float().cpu() for p in parts])
+    x_hat = torch.cat([p.reconstruction.float().cpu() for p in parts])
+    f1 = M.feature_f1(codes, code, truth, atoms, threshold=0.0)
+    usage = M.latent_usage(code)
+    out |= {"f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"],
+            "variance_explained": float(M.variance_explained(x, x_hat)), "heldout_l0": usage["l0"],
+            "dead_latents": usage["dead"], "dense_latents": usage["dense"],
+            "true_l0": float((codes != 0).sum(1).double().mean())}
+    return out

@@ -16,30 +16,34 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
+from .evaluation import GROUND_TRUTH_EVAL_SAMPLES, ground_truth_metrics
 from .interrupt import raise_if_pending
 from .run_files import claim_run_dir, holds_run
 from .train import TrainResult, planned_steps, train
 
-__all__ = ["likely_cause", "prepare_run_dir", "choose_run_name", "run_training", "dictionary_recovery", "DEFAULT_NAME",
+__all__ = ["likely_cause", "prepare_run_dir", "choose_run_name", "run_training", "ground_truth_summary", "DEFAULT_NAME",
            "default_threads", "summary_statistics", "WORK_PER_THREAD"]
 
 
-#: The run name when ``--name`` is not given (the classic CS294A exercise is the default run).
+#: The run name when ``--name`` is not given (the classic CS294A exercise is the default run);
+#: ``sae`` for runs of the SAE recipe (``TrainConfig.sae_recipe``).
 DEFAULT_NAME = "classic"
+SAE_NAME = "sae"
 
 
 def choose_run_name(cfg: TrainConfig) -> str:
-    """``cfg.name``, or without one: ``classic`` to resume, else the first of ``classic``,
-    ``classic-2``, ``classic-3``... in ``cfg.out`` that holds no run (a new run never writes into
-    another run's folder)."""
+    """``cfg.name``, or without one: ``classic`` (``sae`` for the SAE recipe) to resume, else the
+    first of ``classic``, ``classic-2``, ``classic-3``... in ``cfg.out`` that holds no run (a new
+    run never writes into another run's folder)."""
     if cfg.name is not None:
         return cfg.name
+    base = SAE_NAME if cfg.sae_recipe else DEFAULT_NAME
     if cfg.resume:
-        return DEFAULT_NAME
-    out, name, i = Path(cfg.out), DEFAULT_NAME, 1
+        return base
+    out, name, i = Path(cfg.out), base, 1
     while holds_run(out / name):
         i += 1
-        name = f"{DEFAULT_NAME}-{i}"
+        name = f"{base}-{i}"
     return name
 
 
@@ -298,14 +302,14 @@ def _progress_lines(cfg: TrainConfig, total: int, stream) -> Callable[[dict], No
     return update
 
 
-def dictionary_recovery(model, data) -> float | None:
-    """MMCS of the model's dictionary against the data's ground truth (synthetic data and a
-    one-layer autoencoder), else None."""
-    if data.true_features is None or not hasattr(model, "decoder_weight"):
-        return None
-    from .metrics import mmcs
-
-    return float(mmcs(data.true_features, model.decoder_weight.detach().t()))
+def ground_truth_summary(gt: dict[str, float], n_true: int) -> str:
+    """One line of :func:`~actsparse.evaluation.ground_truth_metrics` for the console."""
+    line = f"dictionary recovery over {n_true} true features: MCC {gt['mcc']:.3f}, MMCS {gt['mmcs']:.3f}"
+    if "f1" in gt:
+        line += (f"; on {GROUND_TRUTH_EVAL_SAMPLES:,} held-out samples: F1 {gt['f1']:.3f}, variance explained "
+                 f"{gt['variance_explained']:.3f}, L0 {gt['heldout_l0']:.1f} (true {gt['true_l0']:.1f}), "
+                 f"{gt['dead_latents']} dead and {gt['dense_latents']} dense latents")
+    return line
 
 
 def run_training(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainResult:
@@ -343,8 +347,9 @@ def _run(cfg: TrainConfig, echo: Callable[[str], None]) -> TrainResult:
     run_dir = prepare_run_dir(cfg) if rank == 0 else out / cfg.name
     if world_size > 1:
         torch.distributed.barrier()  # the folder exists (and an old run is gone) before any rank looks
-    if asked is None and cfg.name != DEFAULT_NAME and not cfg.resume:
-        echo(f"{Path(cfg.out) / DEFAULT_NAME} holds another run: this run is {run_dir} (--name to choose)")
+    base = SAE_NAME if cfg.sae_recipe else DEFAULT_NAME
+    if asked is None and cfg.name != base and not cfg.resume:
+        echo(f"{Path(cfg.out) / base} holds another run: this run is {run_dir} (--name to choose)")
     try:
         return _run_in(cfg, run_dir, echo)
     except BaseException:
@@ -425,10 +430,10 @@ def _train_and_report(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], Non
     if rank != 0:  # rank 0 reports and writes
         return result
     metrics = result.metrics | {"data": data.description, "threads": torch.get_num_threads()}
-    recovery = dictionary_recovery(result.model, data)
-    if recovery is not None:
-        metrics["mmcs"] = recovery
-        echo(f"dictionary recovery: MMCS {recovery:.3f} over {data.true_features.shape[0]} true features")
+    gt = ground_truth_metrics(result.model, data, cfg.seed)
+    if gt is not None:
+        metrics |= gt
+        echo(ground_truth_summary(gt, data.true_features.shape[0]))
     metrics["total_seconds"] = time.perf_counter() - t0
     atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     if tb is not None:

@@ -1,7 +1,8 @@
 """Training loop: full-batch L-BFGS (the CS294A exercise) and minibatch optimisers.
 
 The loss is the model's :class:`~actsparse.models.ForwardOutput` ``.loss`` (reconstruction +
-weight decay + sparsity penalty + AuxK); the validation loss is reported without the penalty.
+weight decay + sparsity penalty + AuxK + the Matryoshka/Gated auxiliary terms); the validation loss
+is reported without the penalty.
 Math lives in the model and the penalties; this module only loops, logs and saves.
 """
 
@@ -50,7 +51,7 @@ __all__ = ["build_model", "resolve_device", "train", "train_step", "planned_step
            "checkpoint_bytes", "TrainingError", "NonFiniteError", "RunInterrupted"]
 
 
-_TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk")
+_TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk", "aux")
 
 
 class _FiniteGuard:
@@ -65,8 +66,10 @@ class _FiniteGuard:
         self.pending: list[tuple[int, tuple[Tensor, ...]]] = []  # (step, terms in _TERMS order)
 
     def update(self, step: int, out) -> None:
+        aux = getattr(out, "aux_loss", 0.0)  # Matryoshka prefixes, Gated SAE (a float 0 by default)
+        aux = aux if isinstance(aux, Tensor) else torch.tensor(float(aux))
         self.pending.append((step, tuple(t.detach() for t in (
-            out.loss, out.reconstruction_loss, out.sparsity_loss, out.weight_decay_loss, out.auxk_loss))))
+            out.loss, out.reconstruction_loss, out.sparsity_loss, out.weight_decay_loss, out.auxk_loss, aux))))
 
     def check(self) -> None:
         """Raise :class:`NonFiniteError` for the first non-finite step since the last check; either
@@ -429,6 +432,10 @@ class _Run:
                     group["lr"] = cfg.lr * self.lr_scale
             step, first_epoch, skip = state["step"], state["epoch"], state["batch"]
             g.set_state(state["g_epoch"])
+        # dead-unit resampling (Bricken et al. 2023), e.g. SparseAutoencoder(resample_every=...)
+        every = getattr(model, "resample_every", None) if hasattr(model, "resample_dead") else None
+        if every and self.world_size > 1:
+            raise ValueError("resample_every resamples from one process's batch: train in one process, or use AuxK")
         for epoch in range(first_epoch, cfg.epochs):
             g_epoch = g.get_state()  # enough to redraw this epoch's order on resume
             done = skip if epoch == first_epoch else 0
@@ -436,6 +443,9 @@ class _Run:
                 model.set_progress(step / self.total)
                 out = train_step(model, opt, xb, forward=self.forward)
                 step += 1
+                if every and step % every == 0:  # the draw is seeded by (seed, step): a resumed run redraws it
+                    model.resample_dead(xb, opt, generator=torch.Generator().manual_seed(
+                        (cfg.seed * 1_000_003 + step) % 2**63))
                 self.after_step(step, out, xb, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch},
                                 step % 10 == 0 or step == self.total)
 
@@ -480,7 +490,12 @@ class _Run:
         if self.rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights
             # a streamed store is measured on a sample of its rows (it may not fit in memory)
             x = self.x_train.sample(STREAM_SAMPLE, seed=cfg.seed) if self.streaming else self.x_train
-            final = evaluate(self.model, x) | final
+            n = getattr(cfg, "final_samples", None)
+            if n is not None and n < x.shape[0]:  # --final-samples: a random subset (0: the validation split alone)
+                pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:n]
+                x = x[pick.to(x.device)] if n else None
+            # --final-samples 0: the final metrics are the validation split's (no pass over the training data)
+            final = evaluate(self.model, x if x is not None else self.x_val) | final
             if self.n_val:
                 val = evaluate(self.model, self.x_val)
                 final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}

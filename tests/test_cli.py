@@ -66,7 +66,7 @@ def test_minibatch_topk_on_a_npy_file(tmp_path):
             "--decoder", "linear", "--penalty", "none", "--optimizer", "adam", "--epochs", "2",
             "--out", str(tmp_path), "--no-progress"]
     assert main(args) == 0
-    m = json.loads((tmp_path / "classic" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "sae" / "metrics.json").read_text())
     assert m["l0"] <= 4.0 + 1e-9
 
 

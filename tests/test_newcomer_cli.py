@@ -105,7 +105,7 @@ def test_every_penalty_name_is_listed(train_help):
 
 def test_literal_choices_are_listed(train_help):
     entries = help_entries(train_help)
-    assert "{sigmoid,relu,topk,batchtopk,jumprelu,ksparse}" in entries["--activation"]
+    assert "{sigmoid,relu,topk,batchtopk,jumprelu,gated,ksparse}" in entries["--activation"]
     assert "{lbfgs,adam,sgd}" in entries["--optimizer"]
     assert "{stop,rollback}" in entries["--on-nan"]
     assert "--sizes INT [INT ...]" in entries["--sizes"]
@@ -338,7 +338,8 @@ def test_missing_cli_dependency_hint_has_the_clone_form():
     ({"data": "digits", "target": 0.05}, 3e-3, 0.05),                  # a given value wins
     ({"data": "digits", "weight_decay": 0.0}, 0.0, 0.1),               # 0 is a value, not "unset"
     ({"whiten": "zca", "decoder": "linear", "weight_decay": 1e-4}, 1e-4, 0.01),
-    ({"data": "synthetic", "decoder": "linear"}, 1e-4, 0.01),
+    ({"data": "synthetic", "decoder": "linear"}, 0.0, 0.01),             # an SAE recipe: no weight decay
+    ({"data": "synthetic", "recipe": "classic", "decoder": "linear"}, 1e-4, 0.01),
 ])
 def test_recipe_defaults(fields, wd, target):
     cfg = TrainConfig(**fields)

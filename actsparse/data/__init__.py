@@ -5,6 +5,9 @@
 * ``patches`` — random patches of the natural photographs scikit-learn ships (the default);
 * ``digits`` — scikit-learn's 1,797 8×8 digits, scaled to [0, 1];
 * ``synthetic`` — sparse combinations of known atoms (ground truth for MMCS);
+* ``ground-truth`` or ``ground-truth:KEY=VALUE,...`` — known features with Zipfian firing, a
+  hierarchy and correlated firing (:class:`~actsparse.data.ground_truth.GroundTruth`; the keys are
+  its arguments, the defaults :data:`GROUND_TRUTH_DEFAULTS`), for MCC/F1 against the truth;
 * a folder of images, given as its path or as ``folder:DIR`` — random ``patch_size`` patches of
   the images, normalised as ``patches`` (:mod:`actsparse.data.images`);
 * an MNIST-format IDX file: a name ending in ``.idx``, ``.idx3``, ``-ubyte``, each optionally
@@ -12,6 +15,9 @@
 * ``torchvision:NAME:ROOT`` — the training split of ``torchvision.datasets.NAME`` already stored
   under ``ROOT`` (needs torchvision, imported only here; ``download=False``);
 * an array file ``.npy``/``.npz``/``.pt``/``.safetensors``/``.csv`` of shape ``(samples, features)``;
+  a ``PATH.npy`` with ``PATH.features.npy`` beside it (and ``PATH.codes.npy``, as
+  :meth:`GroundTruth.save <actsparse.data.ground_truth.GroundTruth.save>` writes) comes with its
+  true features (and codes);
 * ``shards:DIR`` — a finished activation store (:mod:`actsparse.data.shards`, written by
   ``actsparse cache-activations``); training streams it in minibatches (``x`` is a sample).
 
@@ -21,6 +27,7 @@ Sources with image samples (digits, IDX images, torchvision grey images, patches
 
 from __future__ import annotations
 
+import difflib
 import math
 import pickle
 import re
@@ -34,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._limits import MAX_BYTES_ENV, MissingDependency, one_line
+from .ground_truth import GroundTruth, load_true_features, truth_paths
 from .idx import is_idx_path, load_idx, read_idx
 from .images import folder_patches
 from .synthetic import SyntheticDictionary, make_synthetic
@@ -41,13 +49,22 @@ from .synthetic import SyntheticDictionary, make_synthetic
 __all__ = [
     "Dataset", "load_data", "load_array", "load_torchvision", "read_idx", "load_idx", "folder_patches",
     "make_synthetic", "SyntheticDictionary", "MissingDependency", "MAX_BYTES_ENV", "torchvision_install_hint",
-    "digits_array",
+    "digits_array", "GroundTruth", "GROUND_TRUTH_DEFAULTS", "ground_truth_source",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
 FOLDER_PREFIX = "folder:"
 #: Named sources built in (anything else is a path or a ``prefix:`` spec).
-BUILTIN_SOURCES = ("patches", "digits", "synthetic")
+BUILTIN_SOURCES = ("patches", "digits", "synthetic", "ground-truth")
+GROUND_TRUTH_PREFIX = "ground-truth"
+#: ``--data ground-truth``: 2,048 features in 128 dims, 16 active per sample on average, Zipfian
+#: firing (exponent 0.5: from 18 % of samples down to 0.4 %), 64 trees of parents with 4 children
+#: and grandchildren, correlated roots (ρ = 0.1), magnitudes |N(1, 0.15²)|: the kind of data of
+#: SynthSAEBench (Chanin et al. 2026), at a size a laptop trains in a minute.
+GROUND_TRUTH_DEFAULTS: dict[str, Any] = {
+    "n_features": 2048, "d": 128, "mean_active": 16.0, "zipf_exponent": 0.5, "hierarchy": (64, 4, 2),
+    "correlation": 0.1, "magnitude_std": 0.15,
+}
 SHARDS_PREFIX = "shards:"
 #: Rows of a streamed store held in memory for metrics and figures.
 STREAM_SAMPLE = 65_536
@@ -61,7 +78,10 @@ class Dataset:
         x: ``(samples, features)`` float tensor.
         description: one line for logs and ``metrics.json``.
         image_shape: ``(h, w)`` if each sample is an image (figures show filters as tiles).
-        true_features: ``(n, features)`` ground-truth atoms (synthetic data), for MMCS.
+        true_features: ``(n, features)`` ground-truth atoms (synthetic data), for MMCS and MCC.
+        truth: the :class:`~actsparse.data.ground_truth.GroundTruth` that drew ``x``
+            (``ground-truth`` data): fresh held-out samples with their codes, for F1.
+        true_codes: ``(samples, n)`` the true codes of ``x`` (a ``.npy`` saved with its codes).
         stream: for a source too large for memory (``shards:DIR``), the
             :class:`~actsparse.data.shards.ShardStore` that training reads in minibatches; ``x``
             is then a sample of ``STREAM_SAMPLE`` rows of it.
@@ -77,6 +97,8 @@ class Dataset:
     true_features: Tensor | None = None
     stream: Any = None
     value_range: tuple[float, float] | None = None
+    truth: Any = None
+    true_codes: Tensor | None = None
 
     @property
     def in_unit_interval(self) -> bool | None:
@@ -298,6 +320,14 @@ def load_data(cfg) -> Dataset:
         syn = make_synthetic(cfg.samples, seed=cfg.seed)
         ds = Dataset(syn.x, f"{cfg.samples} synthetic sparse combinations of {syn.features.shape[0]} atoms",
                      None, syn.features)
+    elif kind == GROUND_TRUTH_PREFIX or kind.startswith(GROUND_TRUTH_PREFIX + ":"):
+        truth = ground_truth_source(kind, cfg.seed)
+        x, _ = truth.sample(cfg.samples, cfg.seed)
+        h = truth.hierarchy
+        about = (f"{truth.n_features} true features in {truth.d} dims, {truth.mean_active:g} active per sample, "
+                 f"Zipf exponent {truth.zipf_exponent:g}, hierarchy {'/'.join(map(str, h)) if h else 'none'}, "
+                 f"correlation {truth.correlation:g}")
+        ds = Dataset(x, f"{cfg.samples} ground-truth samples ({about})", None, truth.features, truth=truth)
     elif kind.startswith(TORCHVISION_PREFIX):
         arr, shape = load_torchvision(kind)
         ds = Dataset(torch.from_numpy(arr), f"{arr.shape[0]} samples of {kind}", shape)
@@ -335,6 +365,7 @@ def load_data(cfg) -> Dataset:
         side = int(math.isqrt(arr.shape[1]))
         shape = (side, side) if side * side == arr.shape[1] else None
         ds = Dataset(torch.tensor(arr, dtype=torch.float32), f"{arr.shape[0]} samples from {kind}", shape)
+        _attach_saved_truth(ds, kind)
     bad = int((~torch.isfinite(ds.x)).sum())
     if bad:
         raise ValueError(f"the data ({ds.description}) contain {bad} NaN/Inf values")
@@ -342,3 +373,61 @@ def load_data(cfg) -> Dataset:
         raise ValueError(f"the data ({ds.description}) need at least 2 samples, got {ds.x.shape[0]}")
     ds.value_range = (float(ds.x.min()), float(ds.x.max()))
     return ds
+
+
+def ground_truth_source(spec: str, seed: int = 0) -> GroundTruth:
+    """The :class:`GroundTruth` of ``ground-truth`` or ``ground-truth:KEY=VALUE,...`` (keys: its
+    arguments; ``hierarchy=64/4/2`` or ``hierarchy=none``), over :data:`GROUND_TRUTH_DEFAULTS`."""
+    import inspect
+
+    settings = dict(GROUND_TRUTH_DEFAULTS)
+    body = spec[len(GROUND_TRUTH_PREFIX) + 1:] if spec.startswith(GROUND_TRUTH_PREFIX + ":") else ""
+    valid = [n for n in inspect.signature(GroundTruth).parameters if n != "seed"]
+    for item in filter(None, (t.strip() for t in body.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--data {spec}: {item!r} is not KEY=VALUE with a GroundTruth argument{hint}; valid: "
+                             f"{', '.join(valid)}")
+        settings[key] = _parse_setting(key, value.strip(), spec)
+    return GroundTruth(**settings, seed=seed)
+
+
+def _parse_setting(key: str, value: str, spec: str) -> Any:
+    if key == "hierarchy":
+        if value.lower() in ("none", "off", ""):
+            return None
+        try:
+            return tuple(int(v) for v in value.split("/"))
+        except ValueError:
+            raise ValueError(f"--data {spec}: hierarchy is n_roots/branching/depth (e.g. 64/4/2) or none, "
+                             f"got {value!r}") from None
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--data {spec}: {key} must be a number, got {value!r}") from None
+
+
+def _attach_saved_truth(ds: Dataset, path: str) -> None:
+    """The true features (and codes) saved beside a ``.npy`` data file, if there are any."""
+    if not path.lower().endswith(".npy"):
+        return
+    paths = truth_paths(path)
+    if not paths["features"].is_file():
+        return
+    ds.true_features = load_true_features(path)
+    if paths["codes"].is_file():
+        codes = np.load(paths["codes"], mmap_mode="r", allow_pickle=False)
+        if codes.ndim != 2 or codes.shape != (ds.x.shape[0], ds.true_features.shape[0]):
+            raise ValueError(f"the true codes {paths['codes']} have shape {codes.shape}, not (samples, features) = "
+                             f"{(ds.x.shape[0], ds.true_features.shape[0])}")
+        ds.true_codes = torch.tensor(np.asarray(codes), dtype=torch.float32)
+    ds.description += f", with {ds.true_features.shape[0]} true features"

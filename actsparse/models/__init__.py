@@ -1,6 +1,6 @@
 """Sparse autoencoders: activations, the one-layer SAE, stacks."""
 
-from .activations import ACTIVATIONS, BatchTopK, JumpReLU, KSparse, ReLU, Sigmoid, TopK, get_activation
+from .activations import ACTIVATIONS, BatchTopK, Gated, JumpReLU, KSparse, ReLU, Sigmoid, TopK, get_activation
 from .sae import ForwardOutput, SparseAutoencoder
 from .sparse_topk import SparseCode
 from .stacked import StackedAutoencoder
@@ -9,6 +9,7 @@ __all__ = [
     "ACTIVATIONS",
     "BatchTopK",
     "ForwardOutput",
+    "Gated",
     "JumpReLU",
     "KSparse",
     "ReLU",

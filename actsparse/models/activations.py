@@ -6,10 +6,12 @@ name            what it keeps                                                   
 ``sigmoid``     σ(z): a firing probability, for the Bernoulli KL                   Ng, CS294A notes
 ``relu``        max(z, 0), for L1 / Poisson KL / FrequencyKL                       —
 ``topk``        the k largest of ReLU(z) in each sample, zero elsewhere            Gao et al. 2024
-``batchtopk``   the k·batch largest of ReLU(z) over the whole batch; at eval a     Bussmann et al. 2024
+``batchtopk``   the k·rows largest of ReLU(z) over the whole batch; at eval a      Bussmann et al. 2024
                 threshold θ estimated in training (running mean of the smallest
                 kept value)
 ``jumprelu``    z·H(z − θ) with a learned per-unit θ, straight-through for θ       Rajamanoharan et al. 2024
+``gated``       1[π_gate > 0]·ReLU(π_mag): a gate path (the SAE's pre-activations)  Rajamanoharan et al. 2024a
+                decides which units fire, a rescaled magnitude path how much
 ``ksparse``     the k largest of z (linear units, no ReLU); αk at eval; k          Makhzani & Frey 2013
                 annealed from a large value to k over the first half of training
 ==============  ================================================================  ==========================
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 
-__all__ = ["Sigmoid", "ReLU", "TopK", "BatchTopK", "JumpReLU", "KSparse", "ACTIVATIONS", "get_activation"]
+__all__ = ["Sigmoid", "ReLU", "TopK", "BatchTopK", "JumpReLU", "Gated", "KSparse", "ACTIVATIONS", "get_activation"]
 
 
 class Sigmoid(nn.Sigmoid):
@@ -86,10 +88,13 @@ class TopK(nn.Module):
 
 
 class BatchTopK(nn.Module):
-    """ReLU, then keep the ``k·batch`` largest values of the whole batch (Bussmann et al. 2024).
+    """ReLU, then keep the ``k·rows`` largest values of the whole batch (Bussmann et al. 2024,
+    "BatchTopK sparse autoencoders").
 
-    In training it also keeps ``threshold``, a running mean (momentum 0.99) of the smallest kept
-    value; in eval mode every unit above it is kept, so inference does not depend on the batch.
+    Pre-activations ``(..., d_sae)``: a row is one sample (or one position of a sequence), so a
+    ``(batch, seq, d_sae)`` input keeps ``k·batch·seq`` values, k per row on average. In training
+    it also keeps ``threshold``, a running mean (momentum 0.99) of the smallest kept value; in eval
+    mode every unit above it is kept, so a row's code does not depend on the batch it is in.
     """
 
     threshold: Tensor
@@ -105,13 +110,14 @@ class BatchTopK(nn.Module):
         a = torch.relu(z)
         if not self.training:
             if torch.isnan(self.threshold):
-                return topk_mask_values(a, self.k)  # never trained: per-sample top-k
+                return topk_mask_values(a, self.k)  # never trained: per-row top-k
             return a * (a > self.threshold)
         flat = a.reshape(-1)
         if self.stats_group is not None:
             out, values = self._global_select(a)
         else:
-            n = min(self.k * a.shape[0], flat.numel())
+            rows = flat.numel() // a.shape[-1]  # samples (or positions): every dimension but the units'
+            n = min(self.k * rows, flat.numel())
             values, indices = flat.topk(n, sorted=False)
             out = torch.zeros_like(flat).scatter(0, indices, values).reshape(a.shape)
         with torch.no_grad():
@@ -124,19 +130,20 @@ class BatchTopK(nn.Module):
                     self.threshold.lerp_(smallest, 1 - self.momentum)
         return out
 
-    #: The process group whose global batch the top k·batch is taken over (``None``: this
+    #: The process group whose global batch the top k·rows is taken over (``None``: this
     #: process's batch); set by :func:`actsparse.distributed.sync_batch_statistics`.
     stats_group = None
 
     def _global_select(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Keep the k·M largest values of the global batch (M samples over all ranks): the global
+        """Keep the k·M largest values of the global batch (M rows over all ranks): the global
         top k·M lie among each rank's own top k·M, so only those candidates are gathered."""
         from ..distributed import all_gather_padded
 
         with torch.no_grad():
-            m = torch.tensor(a.shape[0], device=a.device)
+            d_sae = a.shape[-1]
+            m = torch.tensor(a.numel() // d_sae, device=a.device)
             torch.distributed.all_reduce(m, group=self.stats_group)
-            n = min(self.k * int(m), a.shape[1] * int(m))
+            n = min(self.k * int(m), d_sae * int(m))
             local = a.reshape(-1).topk(min(n, a.numel()), sorted=False).values
             candidates = all_gather_padded(local, n, float("-inf"), self.stats_group)
             kept = candidates.topk(n, sorted=False).values
@@ -248,6 +255,53 @@ def _master_dtype(dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Gated(nn.Module):
+    """Gated units (Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse
+    autoencoders"): which units fire and how much are estimated by two paths sharing one encoder.
+
+    With ``x'`` the encoder input (``x − b_dec`` when the SAE has ``pre_bias``) and ``W_enc``,
+    ``b_enc`` the SAE's encoder:
+
+    * gate ``π_gate = W_enc x' + b_enc`` (the SAE's pre-activations);
+    * magnitude ``π_mag = exp(r_mag) ⊙ (W_enc x') + b_mag``, the same weights rescaled per unit;
+    * code ``f = 1[π_gate > 0] ⊙ ReLU(π_mag)``.
+
+    ``forward(gate, wx)``: ``gate`` = π_gate and ``wx`` = ``W_enc x'`` (no bias), both
+    ``(..., d_sae)``; returns f ``(..., d_sae)``. The Heaviside has zero gradient (the paper's
+    design): the gate path is trained only by the two terms a
+    :class:`~actsparse.models.SparseAutoencoder` with this activation adds, the sparsity penalty on
+    ``ReLU(π_gate)`` and the auxiliary loss ``L_aux = recon(x̂_frozen(ReLU(π_gate)), x)`` through a
+    detached copy of the decoder; the total loss is ``recon(x̂(f), x) + λ·P(ReLU(π_gate)) + L_aux``.
+
+    Parameters: ``r_mag`` and ``b_mag`` ``(d_sae,)``, both initialised to 0 (π_mag = W_enc x' at init).
+    """
+
+    def __init__(self, d_sae: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+            raise ValueError(f"d_sae must be a positive int, got {d_sae!r}")
+        self.r_mag = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+        self.b_mag = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+
+    def magnitude(self, wx: Tensor) -> Tensor:
+        """``π_mag = exp(r_mag) ⊙ wx + b_mag`` for ``wx = W_enc x'`` ``(..., d_sae)``."""
+        return torch.addcmul(self.b_mag, self.r_mag.exp(), wx)
+
+    def forward(self, gate: Tensor, wx: Tensor | None = None) -> Tensor:
+        _check_pre(gate)
+        if wx is None:
+            raise TypeError("Gated units need two inputs: the gate pre-activations W_enc x' + b_enc and the "
+                            "encoder product W_enc x' without bias (SparseAutoencoder passes both)")
+        d_sae = self.r_mag.shape[0]
+        if gate.shape[-1] != d_sae or wx.shape != gate.shape:
+            raise ValueError(f"Gated has d_sae={d_sae} units, got gate {tuple(gate.shape)} and magnitude input "
+                             f"{tuple(wx.shape)}")
+        return torch.relu(self.magnitude(wx)) * (gate > 0)
+
+    def extra_repr(self) -> str:
+        return f"d_sae={self.r_mag.shape[0]}"
+
+
 class KSparse(nn.Module):
     """k-sparse autoencoder units (Makhzani & Frey 2013): linear, keep the k largest of each sample.
 
@@ -288,7 +342,7 @@ class KSparse(nn.Module):
 
 
 ACTIVATIONS = {"sigmoid": Sigmoid, "relu": ReLU, "topk": TopK, "batchtopk": BatchTopK,
-               "jumprelu": JumpReLU, "ksparse": KSparse}
+               "jumprelu": JumpReLU, "gated": Gated, "ksparse": KSparse}
 
 
 def activation_key(name: str) -> str:
@@ -300,7 +354,7 @@ def activation_key(name: str) -> str:
 
 def get_activation(name: str, *, d_sae: int, k: int | None = None, **kwargs) -> nn.Module:
     """Build a hidden activation by name (``sigmoid``, ``relu``, ``topk``, ``batchtopk``,
-    ``jumprelu``, ``ksparse``). ``k`` is required by the top-k family and checked against d_sae."""
+    ``jumprelu``, ``gated``, ``ksparse``). ``k`` is required by the top-k family and checked against d_sae."""
     key = activation_key(name)
     if key not in ACTIVATIONS:
         close = difflib.get_close_matches(key, ACTIVATIONS, n=1)
@@ -314,7 +368,7 @@ def get_activation(name: str, *, d_sae: int, k: int | None = None, **kwargs) -> 
         if k > d_sae:
             raise ValueError(f"k={k} is larger than the number of hidden units d_sae={d_sae}")
         return cls(k, **kwargs)
-    if cls is JumpReLU:
+    if cls in (JumpReLU, Gated):
         return cls(d_sae, **kwargs)
     if kwargs:
         raise TypeError(f"activation {name!r} takes no arguments, got {', '.join(sorted(kwargs))}")

@@ -1,9 +1,12 @@
-"""Sparse autoencoders, from the classic sigmoid/KL autoencoder (CS294A) to TopK and JumpReLU SAEs.
+"""Sparse autoencoders, from the classic sigmoid/KL autoencoder (CS294A) to TopK, JumpReLU, Gated
+and Matryoshka SAEs.
 
 ``forward(x)`` returns a :class:`ForwardOutput` with every loss term; the trainer weights and
 sums them. The sparsity term is an actsparse :class:`~actsparse.penalties.Penalty` applied to the
 hidden code — the same object users attach to their own models, so there is one implementation
-of each formula.
+of each formula. The families are options of the one :class:`SparseAutoencoder`: an activation
+(``topk``, ``batchtopk``, ``jumprelu``, ``gated``, ...), nested dictionaries (``matryoshka``),
+and for dead units AuxK (``auxk``) or resampling (:meth:`SparseAutoencoder.resample_dead`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..penalties import Penalty
-from .activations import BatchTopK, JumpReLU, KSparse, TopK, activation_key, get_activation
+from .activations import BatchTopK, Gated, JumpReLU, KSparse, TopK, activation_key, get_activation
 from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 
 __all__ = ["ForwardOutput", "SparseAutoencoder", "check_input", "reconstruction_loss", "squared_error"]
@@ -62,7 +65,7 @@ def squared_error(loss: float, kind: ReconLoss, shape: tuple[int, ...]) -> float
 
 
 class ForwardOutput(NamedTuple):
-    """Everything one forward computes. Shapes: ``x`` is ``(batch, d_in)``.
+    """Everything one forward computes. Shapes: ``x`` is ``(batch, d_in)``; the losses are scalars.
 
     Attributes:
         reconstruction: x̂ ``(batch, d_in)``.
@@ -74,6 +77,11 @@ class ForwardOutput(NamedTuple):
         sparsity_loss: scalar, the weighted penalty on the code (0 without a penalty).
         weight_decay_loss: scalar, ``(λ/2) Σ‖W‖²`` over the weight matrices (not biases).
         auxk_loss: scalar, the AuxK loss for dead latents (0 unless enabled).
+        aux_loss: scalar, the auxiliary reconstruction losses of an SAE family (0 otherwise, and
+            the default, so the six-field form still builds): a Matryoshka SAE's losses of its
+            prefixes but the full one (Bussmann et al. 2025), plus a Gated SAE's reconstruction
+            from ``ReLU(π_gate)`` through the frozen decoder (Rajamanoharan et al. 2024a).
+            ``reconstruction_loss`` stays the full dictionary's.
     """
 
     reconstruction: Tensor
@@ -82,11 +90,12 @@ class ForwardOutput(NamedTuple):
     sparsity_loss: Tensor
     weight_decay_loss: Tensor
     auxk_loss: Tensor
+    aux_loss: Tensor | float = 0.0
 
     @property
     def loss(self) -> Tensor:
         """The training objective: the sum of all terms."""
-        return self.reconstruction_loss + self.sparsity_loss + self.weight_decay_loss + self.auxk_loss
+        return self.reconstruction_loss + self.sparsity_loss + self.weight_decay_loss + self.auxk_loss + self.aux_loss
 
 
 def _unbound_l0(penalty):
@@ -101,6 +110,23 @@ def _unbound_l0(penalty):
     return p if isinstance(p, L0) and not p.bound else None
 
 
+def _check_matryoshka(sizes, d_hidden: int) -> tuple[int, ...] | None:
+    """Nested prefix sizes m₁ < m₂ < … in (0, d_hidden], with d_hidden appended when the last is
+    smaller; None stays None."""
+    if sizes is None:
+        return None
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise TypeError(f"matryoshka must be a tuple of increasing ints, got {sizes!r}")
+    sizes = tuple(sizes)
+    if not sizes or any(isinstance(m, bool) or not isinstance(m, int) for m in sizes):
+        raise ValueError(f"matryoshka must be a non-empty tuple of ints, got {sizes!r}")
+    if any(not 0 < m <= d_hidden for m in sizes):
+        raise ValueError(f"matryoshka prefix sizes must lie in (0, d_hidden={d_hidden}], got {sizes!r}")
+    if any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"matryoshka prefix sizes must be strictly increasing, got {sizes!r}")
+    return sizes if sizes[-1] == d_hidden else (*sizes, d_hidden)
+
+
 class SparseAutoencoder(nn.Module):
     """A one-hidden-layer sparse autoencoder ``x → act(W_enc (x − b_pre) + b_enc) → W_dec h + b_dec``.
 
@@ -108,7 +134,9 @@ class SparseAutoencoder(nn.Module):
         d_in: input size.
         d_hidden: number of hidden units (``d_sae``).
         activation: ``sigmoid`` (default), ``relu``, ``topk``, ``batchtopk``, ``jumprelu``,
-            ``ksparse``, or an ``nn.Module``.
+            ``gated``, ``ksparse``, or an ``nn.Module``. With ``gated`` (Rajamanoharan et al. 2024a,
+            :class:`~actsparse.models.Gated`) the penalty applies to ``ReLU(π_gate)``, not to the
+            code, and ``aux_loss`` holds the gate's reconstruction through the frozen decoder.
         k: active units for the top-k family.
         decoder: ``sigmoid`` output units (classic; inputs in [0, 1]) or ``linear`` (default).
         tied: decoder weight = encoder weightᵀ.
@@ -138,6 +166,17 @@ class SparseAutoencoder(nn.Module):
             work when k ≪ d_hidden); ``dense`` builds the ``(batch, d_hidden)`` code; ``auto``
             (default) takes the sparse path for ``topk`` without a penalty when
             ``d_hidden >= SPARSE_MIN_RATIO · k`` (16).
+        matryoshka: nested prefix sizes ``m₁ < m₂ < …`` in (0, d_hidden] (d_hidden is appended if
+            the last is smaller), for a Matryoshka SAE (Bussmann et al. 2025, "Learning
+            multi-level features with Matryoshka sparse autoencoders"; Nabeshima 2024): each prefix
+            of the latents must reconstruct the input alone. The loss is
+            ``Σ_i recon(x̂_i, x)`` with ``x̂_i = h[:, :m_i] W_dec[:m_i] + b_dec`` (cumulative partial
+            sums, one decode's work); ``reconstruction_loss`` is the full dictionary's, the other
+            prefixes' sum is in ``aux_loss``. Any activation; on the sparse TopK path each prefix
+            decodes the active units below its size (``n`` embedding-bag sums of k rows instead of
+            one). See :meth:`prefix_metrics`.
+        resample_every: resample dead units (:meth:`resample_dead`, Bricken et al. 2023) every this
+            many minibatch steps of :func:`actsparse.train.train`; None (default) never.
         device, dtype: factory arguments.
 
     Parameters: ``W_enc`` ``(d_hidden, d_in)``, ``b_enc`` ``(d_hidden,)``, ``W_dec``
@@ -165,6 +204,8 @@ class SparseAutoencoder(nn.Module):
         init_scale: float = 1.0,
         penalty_on_decoder_norm: bool = False,
         decode: Decode = "auto",
+        matryoshka: tuple[int, ...] | None = None,
+        resample_every: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -188,13 +229,18 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"dead_after must be a positive int (a number of samples), got {dead_after!r}")
         if decode not in ("auto", "dense", "sparse"):
             raise ValueError(f"decode must be 'auto', 'dense' or 'sparse', got {decode!r}")
+        if resample_every is not None and (isinstance(resample_every, bool) or not isinstance(resample_every, int)
+                                           or resample_every < 1):
+            raise ValueError(f"resample_every must be a positive int (steps) or None, got {resample_every!r}")
+        self.matryoshka = _check_matryoshka(matryoshka, d_hidden)
+        self.resample_every = resample_every
         fk = {"device": device, "dtype": dtype}
         self.d_in, self.d_hidden = d_in, d_hidden
         if isinstance(activation, nn.Module):
             self.activation = activation
         else:
-            # JumpReLU owns a parameter, so it takes the factory arguments (for every spelling of its name)
-            extra = fk if activation_key(activation) == "jumprelu" else {}
+            # JumpReLU and Gated own parameters, so they take the factory arguments (for every spelling of the name)
+            extra = fk if activation_key(activation) in ("jumprelu", "gated") else {}
             self.activation = get_activation(activation, d_sae=d_hidden, k=k, **extra)
         self.decoder_kind = decoder
         self.tied = bool(tied)
@@ -310,7 +356,11 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """The hidden code ``(batch, d_hidden)``."""
-        return self.activation(self.encode_pre(x))
+        x_in = self._encoder_input(x)
+        if isinstance(self.activation, Gated):
+            wx = nn.functional.linear(x_in, self.W_enc)
+            return self.activation(wx + self.b_enc, wx)
+        return self.activation(self._pre(x_in))
 
     def decode(self, h: Tensor | SparseCode) -> Tensor:
         """The reconstruction ``(batch, d_in)`` of a dense code ``(batch, d_hidden)`` or a
@@ -325,19 +375,32 @@ class SparseAutoencoder(nn.Module):
         """Encode, decode and compute every loss term. ``x``: ``(batch, d_in)``."""
         check_input(x, self.d_in, self.W_enc)
         x_in = self._encoder_input(x)
+        gated = isinstance(self.activation, Gated)
         # the sparse path needs every pre-activation for the top-k, but no graph: its gradient is sparse
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
-            pre = self._pre(x_in)
+            if gated:  # the gate π_gate = W_enc x' + b_enc, and W_enc x' for the magnitude path
+                wx = nn.functional.linear(x_in, self.W_enc)
+                pre = wx + self.b_enc
+            else:
+                pre = self._pre(x_in)
         if self.sparse:
             idx = self.activation.indices(pre)
             h = SparseCode(torch.relu(self._select(x_in, pre, idx)), idx, self.d_hidden)
         else:
-            h = self.activation(pre)
-        x_hat = self.decode(h)
+            h = self.activation(pre, wx) if gated else self.activation(pre)
+        recons = self._decode_prefixes(h)
+        x_hat = recons[-1]
         zero = x_hat.new_zeros(())
         recon = reconstruction_loss(x_hat, x, self.recon_loss)
+        # Matryoshka: the prefixes' losses but the full dictionary's
+        aux = sum((reconstruction_loss(r, x, self.recon_loss) for r in recons[:-1]), zero)
         on_pre = getattr(self, "_l0_on_pre", False)  # (a model pickled before L0 existed has no flag)
-        sparsity = self._sparsity(pre.detach() if on_pre else h) if self.penalty is not None else zero
+        if gated:  # the penalty on ReLU(π_gate), and the gate's reconstruction through the frozen decoder
+            gate = torch.relu(pre)
+            sparsity = self._sparsity(gate) if self.penalty is not None else zero
+            aux = aux + self._gate_aux_loss(gate, x)
+        else:
+            sparsity = self._sparsity(pre.detach() if on_pre else h) if self.penalty is not None else zero
         decay = zero
         if self.weight_decay:
             mats = [self.W_enc] if self.W_dec is None else [self.W_enc, self.W_dec]
@@ -345,7 +408,58 @@ class SparseAutoencoder(nn.Module):
         if self.training:
             self._track_firing(h)
         auxk = self._auxk_loss(x_in, pre, x, x_hat) if (self.auxk and self.training) else zero
-        return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk)
+        return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk, aux)
+
+    def _decode_prefixes(self, h: Tensor | SparseCode) -> list[Tensor]:
+        """The reconstructions ``(batch, d_in)`` of each Matryoshka prefix, the full one last
+        (one element, :meth:`decode`, without prefixes): ``x̂_i = x̂_{i−1} + h[:, m_{i−1}:m_i]
+        W_dec[m_{i−1}:m_i]``, ``x̂_0 = b_dec`` (Bussmann et al. 2025)."""
+        sizes = getattr(self, "matryoshka", None)  # (a model pickled before Matryoshka existed has none)
+        if sizes is None or len(sizes) == 1:
+            return [self.decode(h)]
+        atoms, outs, acc, lo = self.atoms, [], None, 0
+        for hi in sizes:
+            bias = self.b_dec if acc is None else None
+            if isinstance(h, SparseCode):  # the active units of this group only
+                in_group = (h.indices >= lo) & (h.indices < hi)
+                part = sparse_decode(h.values * in_group, h.indices, atoms, bias)
+            else:
+                part = nn.functional.linear(h[:, lo:hi], atoms[lo:hi].t(), bias)
+            acc = part if acc is None else acc + part
+            outs.append(acc)
+            lo = hi
+        return [torch.sigmoid(o) for o in outs] if self.decoder_kind == "sigmoid" else outs
+
+    def _gate_aux_loss(self, gate: Tensor, x: Tensor) -> Tensor:
+        """Gated SAE (Rajamanoharan et al. 2024a): ``recon(ReLU(π_gate) W_decᵀ + b_dec, x)`` with
+        ``W_dec`` and ``b_dec`` detached, so it trains the gate path only. ``gate``: ReLU(π_gate)
+        ``(batch, d_hidden)``."""
+        out = nn.functional.linear(gate, self.atoms.detach().t(), self.b_dec.detach())
+        if self.decoder_kind == "sigmoid":
+            out = torch.sigmoid(out)
+        return reconstruction_loss(out, x, self.recon_loss)
+
+    @torch.no_grad()
+    def prefix_metrics(self, x: Tensor) -> list[dict[str, float]]:
+        """Per-prefix evaluation of a Matryoshka SAE (Bussmann et al. 2025) on ``x``
+        ``(batch, d_in)``, in eval mode without gradients: for each prefix size ``m_i`` (the full
+        dictionary last; one entry without ``matryoshka``), ``{"size": m_i, "fvu":
+        Σ‖x − x̂_i‖² / Σ‖x − x̄‖², "l0": mean non-zero units among the first m_i per sample}``,
+        with ``x̂_i = h[:, :m_i] W_dec[:m_i] + b_dec``."""
+        from ..metrics import fvu, l0, total_variance
+
+        check_input(x, self.d_in, self.W_enc)
+        was = self.training
+        self.eval()
+        try:
+            h = self.encode(x)
+            recons = self._decode_prefixes(h)
+        finally:
+            self.train(was)
+        sizes = getattr(self, "matryoshka", None) or (self.d_hidden,)
+        sizes = sizes if len(recons) > 1 else sizes[-1:]
+        total = total_variance(x)
+        return [{"size": m, "fvu": float(fvu(x, r, total)), "l0": float(l0(h[:, :m]))} for m, r in zip(sizes, recons)]
 
     def _sparsity(self, h: Tensor) -> Tensor:
         """The penalty on the code ``h`` ``(batch, d_hidden)``, on ``h_j·‖W_dec_j‖`` when
@@ -387,6 +501,66 @@ class SparseAutoencoder(nn.Module):
     def dead_mask(self) -> Tensor:
         """``(d_hidden,)`` bool: units that have not fired in the last ``dead_after`` samples."""
         return self.samples_since_fired >= self.dead_after
+
+    @torch.no_grad()
+    def resample_dead(self, x: Tensor, optimizer: torch.optim.Optimizer | None = None, *,
+                      generator: torch.Generator | None = None) -> int:
+        """Neuron resampling (Bricken et al. 2023, "Towards Monosemanticity"): give each unit of
+        :attr:`dead_mask` a new direction, an input the model reconstructs badly.
+
+        Rule, on the batch ``x`` ``(batch, d_in)``:
+
+        * each sample's loss is its squared error ``‖x_b − x̂_b‖²`` (eval mode, so no batch
+          statistic moves; any reconstruction-loss kind is proportional to it); one input per dead
+          unit is drawn with probability ∝ loss², without replacement while enough samples have a
+          non-zero loss, with replacement beyond (from ``generator``, on the CPU);
+        * the unit's decoder atom becomes ``d = (x_b − b_dec) / ‖x_b − b_dec‖``, its encoder row
+          ``0.2 · mean‖W_enc_j‖ · d`` (the mean over alive units; 1 when none is alive), its
+          ``b_enc`` 0, and its ``samples_since_fired`` 0;
+        * in ``optimizer``'s state, every tensor shaped like ``W_enc``, ``b_enc`` or ``W_dec``
+          (Adam's ``exp_avg``, ``exp_avg_sq``, also fused; SGD's momentum) has those rows zeroed;
+          the rest of the state, and the other units' rows, are untouched.
+
+        Returns the number of units resampled. Needs an untied decoder, and one process (under
+        DDP the ranks' batches differ).
+        """
+        if self.W_dec is None:
+            raise ValueError("resample_dead needs an untied decoder: a tied unit cannot take a unit-norm atom and "
+                             "a 0.2-scaled encoder row at once")
+        if self.stats_group is not None:
+            raise RuntimeError("resample_dead runs in one process: under DDP each rank's batch differs, so the ranks "
+                               "would draw different atoms")
+        check_input(x, self.d_in, self.W_enc)
+        dead = self.dead_mask
+        idx = dead.nonzero().squeeze(1)
+        n = idx.numel()
+        if n == 0:
+            return 0
+        was = self.training
+        self.eval()
+        try:
+            x_hat = self.decode(self.encode(x))
+        finally:
+            self.train(was)
+        weight = (x - x_hat).double().square().sum(1).square().cpu()  # (per-sample loss)²
+        if not bool(torch.isfinite(weight).all()) or not float(weight.sum()) > 0:
+            weight = torch.ones_like(weight)
+        replace = n > int((weight > 0).sum())
+        pick = torch.multinomial(weight, n, replacement=replace, generator=generator).to(x.device)
+        d = x[pick] - self.b_dec
+        d = d / torch.linalg.vector_norm(d, dim=1, keepdim=True).clamp_min(1e-12)
+        alive = ~dead
+        norm = torch.linalg.vector_norm(self.W_enc[alive], dim=1).mean() if n < self.d_hidden else 1.0
+        self.W_dec.index_copy_(0, idx, d.to(self.W_dec.dtype))
+        self.W_enc.index_copy_(0, idx, (d * (0.2 * norm)).to(self.W_enc.dtype))
+        self.b_enc.index_fill_(0, idx, 0.0)
+        self.samples_since_fired.index_fill_(0, idx, 0)
+        if optimizer is not None:
+            for p in (self.W_enc, self.b_enc, self.W_dec):
+                for v in optimizer.state.get(p, {}).values():
+                    if isinstance(v, Tensor) and v.shape == p.shape:
+                        v.index_fill_(0, idx, 0)
+        return n
 
     def _auxk_loss(self, x_in: Tensor, pre: Tensor, x: Tensor, x_hat: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024): reconstruct the residual with the top-k_aux *dead* latents,
@@ -434,5 +608,6 @@ class SparseAutoencoder(nn.Module):
         return self.activation.threshold if isinstance(self.activation, JumpReLU) else None
 
     def extra_repr(self) -> str:
+        sizes = getattr(self, "matryoshka", None)
         return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, decoder={self.decoder_kind}, tied={self.tied}, "
-                f"weight_decay={self.weight_decay:g}")
+                f"weight_decay={self.weight_decay:g}" + (f", matryoshka={sizes}" if sizes else ""))
