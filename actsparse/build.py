@@ -48,7 +48,8 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
             statistic, target = control
             # (L-BFGS steps it once per iteration: the trainer turns its update in forward off)
             penalty = penalty.toward(**{statistic: target}, per_unit=cfg.per_unit, rate_of_change=cfg.control_rate)
-    recon = "half_sse" if cfg.activation == "sigmoid" else "mse"
+    # the SAE recipe: SAELens' loss (squared error summed over the inputs), so λ means the same there
+    recon = "half_sse" if cfg.activation == "sigmoid" else "sse" if cfg.sae_recipe and cfg.model == "sae" else "mse"
     if cfg.model == "stacked":
         sizes = [d_in, *cfg.sizes]
         return StackedAutoencoder(sizes, cfg.activation, output=cfg.decoder, weight_decay=cfg.weight_decay,
@@ -71,6 +72,7 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
         d_in, cfg.hidden, activation, k=cfg.k, decoder=cfg.decoder, tied=cfg.tied, penalty=penalty,
         weight_decay=cfg.weight_decay, recon_loss=recon, unit_norm_decoder=unit_norm,
         init="orthogonal_tied" if sae else "ufldl", init_scale=cfg.init_scale if sae else 1.0,
-        penalty_on_decoder_norm=sae and not unit_norm, pre_bias=bool(cfg.pre_bias), auxk=cfg.auxk,
+        penalty_on_decoder_norm=sae and not unit_norm and cfg.penalty_key in ("l1", "lp"),
+        pre_bias=bool(cfg.pre_bias), auxk=cfg.auxk,
         auxk_coef=cfg.auxk_coef, dead_after=cfg.dead_after, decode=cfg.decode, **extra,
     )

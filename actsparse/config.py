@@ -113,8 +113,8 @@ class TrainConfig:
     for relu, jumprelu and gated units (Conerly et al. 2024), 1 for the top-k family (Gao et al. 2024)."""
     unit_norm_decoder: bool | None = None
     """``--recipe sae``: hold each decoder atom at unit norm. Default: on for the top-k family;
-    off for relu, jumprelu and gated units, whose penalty is then weighted by each atom's norm
-    (Conerly et al. 2024)."""
+    off for relu, jumprelu and gated units (an ``l1`` or ``lp`` penalty is then on each code times
+    its atom's norm, Conerly et al. 2024, so a long atom cannot buy a small code)."""
     pre_bias: bool | None = None
     """Subtract the decoder bias from the input before encoding. Default: off; on for ``--recipe sae``."""
     decode: Literal["auto", "dense", "sparse"] = "auto"
@@ -135,8 +135,9 @@ class TrainConfig:
     the UFLDL tutorial)."""
     weight: float | None = None
     """Coefficient β (or λ for L1/L2/Hoyer/L0) of the penalty. Default: 3 (β of Ng's exercise);
-    for ``--recipe sae``, 1e-3 for l1/lp and 1e-4 for l0 (the reconstruction loss is then the
-    mean squared error per element, so λ is SAELens' l1_coefficient divided by d_in)."""
+    for ``--recipe sae``, 1 for l1/lp and 0.1 for l0 (the reconstruction loss is then the squared
+    error summed over the inputs, as in SAELens, so λ means what its l1_coefficient and
+    l0_coefficient mean)."""
     p_end: float | None = None
     """``--penalty lp``: the final p of p-annealing (Karvonen et al. 2024): p goes from 1 to this
     over training. Default: 1 (plain L1)."""
@@ -178,6 +179,12 @@ class TrainConfig:
     """Minibatch size."""
     lr: float = 1e-3
     """Learning rate of minibatch optimisers."""
+    clip_grad: float | None = None
+    """Minibatch optimisers: clip the gradient's global norm at this value before each step.
+    Default: off for ``--recipe classic``; 1 for ``sae`` (as SAELens clips, on the same loss)."""
+    lr_decay: float | None = None
+    """Minibatch optimisers: the learning rate decays linearly to 0 over this last fraction of the
+    steps (Conerly et al. 2024 use 0.2). Default: 0."""
     weight_decay: float | None = None
     """λ of the weight decay (λ/2)Σ‖W‖², weights only. Default: 1e-4 (Ng's CS294A exercise);
     3e-3 for ``--data digits`` and for ``--whiten zca --decoder linear`` (the UFLDL tutorial's
@@ -323,7 +330,8 @@ class TrainConfig:
 
     #: Fields whose default (None) is resolved from the other settings by _resolve_recipe_defaults.
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target", "control_rate", "decoder", "optimizer",
-                                                 "penalty", "weight", "init_scale", "unit_norm_decoder", "pre_bias")
+                                                 "penalty", "weight", "init_scale", "unit_norm_decoder", "pre_bias",
+                                                 "lr_decay", "clip_grad")
     #: What a recipe field holds while unresolved (None, or ``auto`` for the penalty, whose None is "no penalty").
     UNRESOLVED: ClassVar[dict[str, Any]] = {"penalty": "auto"}
 
@@ -354,14 +362,18 @@ class TrainConfig:
         if isinstance(self.penalty, str) and self.penalty.lower() == "auto":
             self.penalty = ("none" if topk else "l0" if self.activation == "jumprelu" else "l1") if sae else "kl"
         key = self.penalty_key if isinstance(self.penalty, str) else None
-        if self.weight is None:
-            self.weight = (1e-4 if key == "l0" else 1e-3) if sae and key in ("l1", "lp", "l0") else 3.0
+        if self.weight is None:  # sae: SAELens' l1_coefficient and l0_coefficient, on the same loss
+            self.weight = (0.1 if key == "l0" else 1.0) if sae and key in ("l1", "lp", "l0") else 3.0
         if self.init_scale is None and sae:
             self.init_scale = 1.0 if topk else 0.1
         if self.unit_norm_decoder is None and sae:
             self.unit_norm_decoder = topk
         if self.pre_bias is None:
             self.pre_bias = sae
+        if self.lr_decay is None:  # 0.2 measured no better on bench/bench_ground_truth.py (relu_l1, jumprelu)
+            self.lr_decay = 0.0
+        if self.clip_grad is None and sae:
+            self.clip_grad = 1.0
         digits = self.data == "digits"
         zca_linear = self.whiten == "zca" and self.decoder == "linear"
         if self.weight_decay is None:
@@ -448,6 +460,12 @@ class TrainConfig:
         def bad(flag: str, what: str, v: object) -> ConfigError:
             return ConfigError(f"--{flag} must be {what}, got {v!r}")
 
+        v = self.lr_decay
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise bad("lr-decay", "a fraction of the steps in [0, 1]", v)
+        v = self.clip_grad
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise bad("clip-grad", "a finite number > 0", v)
         v = self.auxk_coef
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             raise bad("auxk-coef", "a finite number >= 0", v)
@@ -549,7 +567,8 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
               "pre_bias", "decode"),
     "penalty (sparsity)": ("penalty", "target", "weight", "p_end", "bandwidth", "threshold", "target_l0",
                            "target_rate", "target_mean", "per_unit", "control_rate"),
-    "optimisation": ("optimizer", "iterations", "epochs", "batch_size", "lr", "weight_decay", "validation",
+    "optimisation": ("optimizer", "iterations", "epochs", "batch_size", "lr", "lr_decay", "clip_grad", "weight_decay",
+                     "validation",
                      "final_samples", "on_nan", "max_rollbacks"),
     "run and output": ("seed", "out", "name", "config", "resume", "overwrite", "checkpoint_every", "plots",
                        "device", "threads"),
@@ -558,12 +577,13 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
 
 #: ``--help``'s "Default:" for fields whose default ``None`` stands for a value.
 NONE_MEANS: dict[str, str] = {
-    "bandwidth": f"{DEFAULT_BANDWIDTH:g} (FrequencyKL's own)",
-    "threshold": "0",
+    "bandwidth": f"{DEFAULT_BANDWIDTH:g} (FrequencyKL's own); 0.05 for jumprelu",
+    "threshold": "0; 0.01 for jumprelu",
     "target_l0": "off (a fixed coefficient)",
     "resample_every": "off",
     "matryoshka": "off (one dictionary)",
     "final_samples": "all",
+    "clip_grad": "off; 1 for --recipe sae",
     "p_end": "1",
     "target_rate": "off",
     "target_mean": "off",

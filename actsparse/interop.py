@@ -19,26 +19,42 @@ Forward: ``top-k of ReLU(encoder(x − b_dec))``, then ``code @ W_dec + b_dec``;
 (``transcode``) does not subtract ``b_dec``.
 
 **SAELens** (sae-lens 6.54.12, ``sae_lens/saes/sae.py``: ``SAE.save_model`` / ``load_from_disk``,
-``SAEConfig``; ``sae_lens/saes/{standard,topk,jumprelu}_sae.py``; older configs as read by
+``SAEConfig``; ``sae_lens/saes/{standard,topk,jumprelu,gated}_sae.py``; older configs as read by
 ``sae_lens/loading/pretrained_sae_loaders.py``: ``handle_pre_6_0_config``). A folder with
 
 - ``cfg.json``: ``d_in``, ``d_sae``, ``dtype`` (``"float32"``, ``"torch.bfloat16"``, ...),
   ``device``, ``apply_b_dec_to_input``, ``normalize_activations``, ``reshape_activations``,
   ``metadata`` (``sae_lens_version``, ``hook_name``, ...), ``architecture`` (``"standard"``,
-  ``"topk"``, ``"jumprelu"``), and for ``topk`` ``k`` and ``rescale_acts_by_decoder_norm``
+  ``"topk"``, ``"jumprelu"``, ``"gated"``), and for ``topk`` ``k`` and ``rescale_acts_by_decoder_norm``
   (before 6.0: ``activation_fn_str``/``activation_fn`` ``"topk"`` with ``activation_fn_kwargs.k``);
 - ``sae_weights.safetensors``: ``W_enc`` ``(d_in, d_sae)``, ``b_enc`` ``(d_sae,)``, ``W_dec``
   ``(d_sae, d_in)``, ``b_dec`` ``(d_in,)``, and for ``jumprelu`` ``threshold`` ``(d_sae,)``
-  (older files: ``log_threshold``). Tensors are cast to the config's ``dtype``.
+  (older files: ``log_threshold``); ``gated`` has no ``b_enc`` but ``b_gate``, ``r_mag`` and
+  ``b_mag``, each ``(d_sae,)``. Tensors are cast to the config's ``dtype``.
 
-Forward: ``f(x − b_dec·apply_b_dec_to_input) @ W_enc + b_enc`` through ReLU (``standard``), the top
-k of it with ReLU (``topk``; with ``rescale_acts_by_decoder_norm`` the pre-activations are scaled
-by ‖W_dec_j‖ and the code divided by it before decoding: loaded here with the norms folded into
-the weights), or ``z·H(z − θ)`` on ReLU(z) (``jumprelu``); then ``code @ W_dec + b_dec``.
+Forward, with ``x' = x − b_dec·apply_b_dec_to_input`` and ``z = x' @ W_enc + b_enc``: ReLU(z)
+(``standard``), the top k of it with ReLU (``topk``; with ``rescale_acts_by_decoder_norm`` the
+pre-activations are scaled by ‖W_dec_j‖ and the code divided by it before decoding: loaded here
+with the norms folded into the weights), ``z·H(z − θ)`` on ReLU(z) (``jumprelu``), or for
+``gated`` ``1[x' @ W_enc + b_gate > 0] · ReLU(x' @ (W_enc · exp(r_mag)) + b_mag)``; then
+``code @ W_dec + b_dec``.
 
 actsparse stores the same matrices as ``W_enc`` ``(d_sae, d_in)`` (SAELens' ``W_enc`` transposed),
 ``b_enc``, ``W_dec`` ``(d_sae, d_in)`` (atoms as rows, as both packages), ``b_dec``; ``pre_bias``
-is ``apply_b_dec_to_input`` / not ``transcode``; a JumpReLU threshold below 0 is stored as 0 (the same function).
+is ``apply_b_dec_to_input`` / not ``transcode``; a JumpReLU threshold below 0 is stored as 0 (the
+same function). A ``gated`` SAE is actsparse's ``gated`` activation: its gate is the SAE's own
+encoder, so ``b_gate`` is ``b_enc``, and ``r_mag``, ``b_mag`` are ``activation.r_mag``,
+``activation.b_mag``.
+
+A Matryoshka SAE (``matryoshka`` prefix sizes) is at inference the SAE with its activation, so it
+is written as that activation's SAE (BatchTopK: ``jumprelu`` with the learned inference threshold,
+as SAELens saves its own ``matryoshka_batchtopk`` SAEs; TopK: ``topk``, for sparsify too). The
+prefix sizes shape only the training loss and are not part of either package's model: SAELens
+keeps them as information in ``metadata.training_architecture_details.matryoshka_widths`` (with
+``metadata.training_architecture`` ``"matryoshka_batchtopk"``, as its ``save_inference_model``),
+where :func:`save_saelens` writes them and :func:`load_saelens` reads them back into
+``model.matryoshka``; sparsify's ``cfg.json`` has no place for them, so :func:`save_sparsify`
+drops them.
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ import torch
 from torch import Tensor
 
 from .models import SparseAutoencoder
-from .models.activations import BatchTopK, JumpReLU, TopK
+from .models.activations import BatchTopK, Gated, JumpReLU, TopK
 
 __all__ = [
     "CheckpointError",
@@ -180,14 +196,15 @@ class _Tensors:
 
 
 def _build(d_in: int, d_sae: int, activation: str, tensors: dict[str, Tensor], *, k: int | None, pre_bias: bool,
-           unit_norm: bool, dtype: torch.dtype, device, file: Path) -> SparseAutoencoder:
+           unit_norm: bool, dtype: torch.dtype, device, file: Path,
+           matryoshka: tuple[int, ...] | None = None) -> SparseAutoencoder:
     """A SparseAutoencoder holding ``tensors`` (actsparse names and shapes), without a random init.
 
     Built on the meta device and filled with ``load_state_dict(assign=True)``: no memory or time is
     spent initialising weights that are overwritten, and the caller's RNG is untouched. ``file``
     (the weights file) names the source when a tensor is not finite after the cast to ``dtype``."""
     model = SparseAutoencoder(d_in, d_sae, activation, k=k, decoder="linear", pre_bias=pre_bias,
-                              recon_loss="mse", device="meta", dtype=dtype)
+                              recon_loss="mse", matryoshka=matryoshka, device="meta", dtype=dtype)
     # set after construction: the constructor would renormalise the meta weights, and a norm on the
     # meta device imports torch's compiler stack (seconds) for nothing
     model.unit_norm_decoder = unit_norm
@@ -273,7 +290,7 @@ def save_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
     _check_savable(model, "sparsify")
     if type(model.activation) is not TopK:
         raise CheckpointError(f"sparsify SAEs are TopK; this model's activation is {type(model.activation).__name__} "
-                              "(save_saelens writes ReLU, TopK, JumpReLU and BatchTopK SAEs)")
+                              "(save_saelens writes ReLU, TopK, JumpReLU, Gated and BatchTopK SAEs)")
     with torch.no_grad():
         w_enc, b_enc, b_dec = model.W_enc.detach(), model.b_enc.detach(), model.b_dec.detach()
         if not model.pre_bias:
@@ -322,16 +339,38 @@ def _saelens_architecture(cfg: dict[str, Any], file: Path) -> tuple[str, int | N
         arch = "topk" if act == "topk" and kwargs.get("k") is not None else "standard"
     if arch == "standard" and act not in (None, "relu"):
         raise CheckpointError(f"{file}: activation {act!r} is not supported (standard SAEs: 'relu')")
-    supported = ("standard", "topk", "jumprelu")
+    supported = ("standard", "topk", "jumprelu", "gated")
     if arch not in supported:
         hint = " (save the inference model: save_inference_model writes it as 'jumprelu')" \
-            if arch == "batchtopk" else ""
+            if arch in ("batchtopk", "matryoshka_batchtopk") else ""
         raise CheckpointError(f"{file}: 'architecture' {arch!r} is not supported{hint}; "
                               f"supported: {', '.join(supported)}")
     k = None
     if arch == "topk":
         k = _cfg_int(cfg if "k" in cfg else kwargs, file, "k")
     return arch, k
+
+
+_MATRYOSHKA_KEY = "metadata.training_architecture_details.matryoshka_widths"
+
+
+def _saelens_matryoshka(cfg: dict[str, Any], file: Path, d_sae: int) -> tuple[int, ...] | None:
+    """The Matryoshka prefix sizes of ``metadata.training_architecture_details.matryoshka_widths``
+    (SAELens' ``save_inference_model`` of a ``matryoshka_batchtopk`` SAE; :func:`save_saelens`),
+    or None when the config has none."""
+    meta = cfg.get("metadata")
+    details = meta.get("training_architecture_details") if isinstance(meta, dict) else None
+    widths = details.get("matryoshka_widths") if isinstance(details, dict) else None
+    if widths is None:
+        return None
+    if isinstance(widths, list):
+        widths = [int(w) if isinstance(w, float) and w.is_integer() else w for w in widths]
+    if not isinstance(widths, list) or not widths or \
+            any(isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= d_sae for w in widths) or \
+            any(a >= b for a, b in zip(widths, widths[1:])):
+        raise CheckpointError(f"{file}: {_MATRYOSHKA_KEY!r} must be a non-empty, strictly increasing list of "
+                              f"ints in (0, d_sae={d_sae}], got {widths!r}")
+    return tuple(widths)
 
 
 def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = None) -> SparseAutoencoder:
@@ -347,7 +386,9 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
         A :class:`~actsparse.models.SparseAutoencoder` in eval mode: ``relu`` for ``standard``,
         ``topk`` for ``topk`` (with ``rescale_acts_by_decoder_norm`` the decoder norms are folded
         into the encoder, so the atoms are unit norm and ``unit_norm_decoder`` is set), ``jumprelu``
-        for ``jumprelu``; ``pre_bias = apply_b_dec_to_input``.
+        for ``jumprelu``, ``gated`` for ``gated`` (``b_gate`` as ``b_enc``); ``pre_bias =
+        apply_b_dec_to_input``; ``matryoshka`` from ``metadata.training_architecture_details.
+        matryoshka_widths`` when the config has them (d_sae appended when the last is smaller).
 
     Raises:
         FileNotFoundError: a missing file. CheckpointError: a bad config value (wrong type or
@@ -374,11 +415,13 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
     file_dtype = _saelens_dtype(cfg, cfg_file)
     pre_bias = _cfg_bool(cfg, cfg_file, "apply_b_dec_to_input", True)
     rescale = arch == "topk" and _cfg_bool(cfg, cfg_file, "rescale_acts_by_decoder_norm", False)
+    matryoshka = _saelens_matryoshka(cfg, cfg_file, d_sae)
 
     dims_enc, dims_dec = f"(d_in={d_in}, d_sae={d_sae})", f"(d_sae={d_sae}, d_in={d_in})"
     t = _Tensors(weights_file)
     w_enc = t.take("W_enc", (d_in, d_sae), dims_enc).to(file_dtype)
-    b_enc = t.take("b_enc", (d_sae,), "(d_sae,)").to(file_dtype)
+    # a Gated SAE has no b_enc: its gate bias b_gate is the bias of actsparse's pre-activations
+    b_enc = t.take("b_gate" if arch == "gated" else "b_enc", (d_sae,), "(d_sae,)").to(file_dtype)
     w_dec = t.take("W_dec", (d_sae, d_in), dims_dec).to(file_dtype)
     b_dec = t.take("b_dec", (d_in,), "(d_in,)").to(file_dtype)
     scaling = t.pop("scaling_factor")  # files of SAELens < 6 carried one; all ones means "none"
@@ -391,6 +434,9 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
         else:  # files before the threshold was stored directly (SAELens' process_state_dict_for_loading)
             theta = t.take("log_threshold", (d_sae,), "(d_sae,)").to(file_dtype).exp()
         tensors["activation.threshold"] = _nonnegative_threshold(theta)
+    elif arch == "gated":
+        tensors["activation.r_mag"] = t.take("r_mag", (d_sae,), "(d_sae,)").to(file_dtype)
+        tensors["activation.b_mag"] = t.take("b_mag", (d_sae,), "(d_sae,)").to(file_dtype)
     t.done()
     if rescale:
         # TopK on z·‖W_dec_j‖ and code/‖W_dec_j‖ @ W_dec equal TopK on z' and code @ W_dec' with
@@ -400,9 +446,9 @@ def load_saelens(path: str | Path, *, device=None, dtype: torch.dtype | None = N
         b_enc = (b_enc.double() * n).to(file_dtype)
         w_dec = torch.where(n[:, None] > 0, w_dec.double() / n.clamp_min(1e-300)[:, None], 0.0).to(file_dtype)
     tensors |= {"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec}
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
+    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}[arch]
     model = _build(d_in, d_sae, activation, tensors, k=k, pre_bias=pre_bias, unit_norm=rescale,
-                   dtype=dtype or file_dtype, device=device, file=weights_file)
+                   dtype=dtype or file_dtype, device=device, file=weights_file, matryoshka=matryoshka)
     return model.eval()
 
 
@@ -412,9 +458,13 @@ def save_saelens(model: SparseAutoencoder, path: str | Path, *, metadata: dict[s
 
     Args:
         model: a SparseAutoencoder with a linear decoder and a ``relu`` (written as ``standard``),
-            ``topk``, ``jumprelu`` or trained ``batchtopk`` activation. BatchTopK at inference keeps
-            the units above one threshold θ, so it is written as ``jumprelu`` with θ for every unit
-            (as SAELens saves its BatchTopK SAEs).
+            ``topk``, ``jumprelu``, ``gated`` (``b_enc`` written as ``b_gate``, with ``r_mag`` and
+            ``b_mag``) or trained ``batchtopk`` activation. BatchTopK at inference keeps the units
+            above one threshold θ, so it is written as ``jumprelu`` with θ for every unit (as
+            SAELens saves its BatchTopK SAEs). A Matryoshka SAE is written as its activation's
+            SAE (its inference model), its prefix sizes in ``metadata.training_architecture_details
+            .matryoshka_widths`` (information for SAELens, which builds no Matryoshka inference
+            SAE; read back by :func:`load_saelens`).
         path: the folder.
         metadata: extra ``metadata`` entries for SAELens, e.g. ``{"model_name": "gpt2", "hook_name":
             "blocks.8.hook_resid_pre"}``.
@@ -433,6 +483,11 @@ def save_saelens(model: SparseAutoencoder, path: str | Path, *, metadata: dict[s
         elif isinstance(act, JumpReLU):
             arch = "jumprelu"
             tensors["threshold"] = act.threshold.detach()
+        elif isinstance(act, Gated):
+            # the gate is the SAE's own encoder: b_gate is b_enc (SAELens' GatedSAE has no b_enc)
+            arch = "gated"
+            tensors["b_gate"] = tensors.pop("b_enc")
+            tensors |= {"r_mag": act.r_mag.detach(), "b_mag": act.b_mag.detach()}
         elif isinstance(act, BatchTopK):
             if bool(torch.isnan(act.threshold)):
                 raise CheckpointError("this BatchTopK model has no inference threshold yet (train it first)")
@@ -442,7 +497,7 @@ def save_saelens(model: SparseAutoencoder, path: str | Path, *, metadata: dict[s
             arch = "standard"
         else:
             raise CheckpointError(f"SAELens has no {type(act).__name__} SAE; save_saelens writes ReLU ('standard'), "
-                                  "TopK, JumpReLU and BatchTopK SAEs")
+                                  "TopK, JumpReLU, Gated and BatchTopK SAEs")
     dtype = model.W_enc.dtype
     if dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"SAELens configs take {', '.join(_DTYPES)}; this model is {dtype}")
@@ -450,6 +505,12 @@ def save_saelens(model: SparseAutoencoder, path: str | Path, *, metadata: dict[s
 
     meta = {"sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
             "written_by": f"actsparse {__version__}"}
+    sizes = getattr(model, "matryoshka", None)
+    if sizes:  # where SAELens' save_inference_model keeps a matryoshka_batchtopk SAE's widths
+        if isinstance(act, BatchTopK):
+            meta["training_architecture"] = "matryoshka_batchtopk"
+        meta["training_architecture_details"] = {"matryoshka_widths": [int(m) for m in sizes]} | \
+            ({"k": int(act.k)} if isinstance(act, BatchTopK) else {})
     cfg = {  # SAEConfig's fields in its order, then the architecture's, then architecture (as to_dict)
         "d_in": model.d_in,
         "d_sae": model.d_hidden,

@@ -47,6 +47,7 @@ from .run_files import (
 )
 
 __all__ = ["build_model", "resolve_device", "train", "train_step", "planned_steps", "minibatch_optimizer",
+           "parameter_groups",
            "pretrain_greedy", "TrainResult", "evaluate", "unit_statistics", "save_checkpoint", "load_checkpoint",
            "checkpoint_bytes", "TrainingError", "NonFiniteError", "RunInterrupted"]
 
@@ -260,7 +261,7 @@ class _Run:
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
             raise ValueError(f"--decoder sigmoid outputs values in (0, 1), but the data lie in [{lo:.3g}, {hi:.3g}]: "
-                             f"use --decoder linear (or data scaled to [0, 1])")
+                             f"use --decoder linear (or data scaled to [0, 1]; for model activations, --recipe sae)")
 
     # ---------------------------------------------------------------- resume and rollback
     def resume(self) -> dict[str, Any] | None:
@@ -423,13 +424,14 @@ class _Run:
 
     def _loop_minibatch(self, state: dict[str, Any] | None) -> None:
         cfg, model, g = self.cfg, self.model, self.g
-        opt = minibatch_optimizer(cfg.optimizer, model.parameters(), cfg.lr * self.lr_scale)
+        lr = cfg.lr * self.lr_scale
+        opt = minibatch_optimizer(cfg.optimizer, parameter_groups(model, lr), lr)
         step, first_epoch, skip = 0, 0, 0
         if state is not None:
             if state.get("optimizer") is not None:
                 opt.load_state_dict(state["optimizer"])
                 for group in opt.param_groups:  # a rollback lowers the rate the saved state holds
-                    group["lr"] = cfg.lr * self.lr_scale
+                    group["lr"] = cfg.lr * self.lr_scale * group.get("lr_factor", 1.0)
             step, first_epoch, skip = state["step"], state["epoch"], state["batch"]
             g.set_state(state["g_epoch"])
         # dead-unit resampling (Bricken et al. 2023), e.g. SparseAutoencoder(resample_every=...)
@@ -441,7 +443,10 @@ class _Run:
             done = skip if epoch == first_epoch else 0
             for b, xb in _epoch_batches(self.x_train, epoch, g, cfg, self.rank, self.world_size, self.device, done):
                 model.set_progress(step / self.total)
-                out = train_step(model, opt, xb, forward=self.forward)
+                decay = lr_decay_factor(step, self.total, getattr(cfg, "lr_decay", 0.0) or 0.0)
+                for group in opt.param_groups:  # a function of the step alone: a resume sets the same rate
+                    group["lr"] = cfg.lr * self.lr_scale * group.get("lr_factor", 1.0) * decay
+                out = train_step(model, opt, xb, forward=self.forward, clip_grad=getattr(cfg, "clip_grad", None))
                 step += 1
                 if every and step % every == 0:  # the draw is seeded by (seed, step): a resumed run redraws it
                     model.resample_dead(xb, opt, generator=torch.Generator().manual_seed(
@@ -533,12 +538,41 @@ def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
     return results
 
 
+def lr_decay_factor(step: int, total: int, fraction: float) -> float:
+    """The learning-rate multiplier of step ``step`` (0-based) of ``total`` when the last
+    ``fraction`` of the steps decay linearly to 0 (Conerly et al. 2024, "Circuits Updates — April
+    2024": the last 20 %): 1 before, then ``(total − step) / (fraction · total)``."""
+    if fraction <= 0 or total <= 0:
+        return 1.0
+    span = fraction * total
+    return min(1.0, max(0.0, (total - step) / span))
+
+
+def parameter_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+    """``model``'s parameters as optimiser groups: one at ``lr``, and one per learning-rate multiplier
+    that a submodule asks for in ``lr_scales()`` (``{parameter name: multiplier}``; a
+    :class:`~actsparse.models.JumpReLU`'s threshold learns 10× faster). Pass the result to any
+    ``torch.optim`` optimiser: ``torch.optim.Adam(parameter_groups(model, 1e-3))``."""
+    scale: dict[int, float] = {}
+    for module in model.modules():
+        scales = getattr(module, "lr_scales", None)
+        if callable(scales):
+            for name, factor in scales().items():
+                scale[id(getattr(module, name))] = float(factor)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        groups.setdefault(scale.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * factor, "lr_factor": factor} for factor, ps in groups.items()]
+
+
 def minibatch_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """``adam`` or ``sgd`` over ``params``. Adam is the fused kernel (one pass over each parameter
-    instead of a dozen; bench/bench_dense_step.py measures the gain), where the parameters allow it."""
+    """``adam`` or ``sgd`` over ``params`` (parameters, or groups from :func:`parameter_groups`, each
+    at its own lr). Adam is the fused kernel (one pass over each parameter instead of a dozen;
+    bench/bench_dense_step.py measures the gain), where the parameters allow it."""
     params = list(params)
     if name == "adam":
-        fused = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params)
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        fused = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in flat)
         return torch.optim.Adam(params, lr=lr, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
@@ -546,14 +580,17 @@ def minibatch_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, *,
-               forward: torch.nn.Module | None = None):
+               forward: torch.nn.Module | None = None, clip_grad: float | None = None):
     """One minibatch step on ``x`` ``(batch, d_in)``: forward, backward, and for unit-norm decoders
     the parallel-gradient removal before the update and the renormalisation after it.
     ``forward`` runs the model (default ``model``; e.g. its ``DistributedDataParallel`` wrapper).
+    ``clip_grad``: clip the gradient's global norm at this value first (default: no clipping).
     Returns the :class:`~actsparse.models.ForwardOutput` (no host sync here)."""
     out = (forward or model)(x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    if clip_grad is not None:  # the global norm; under DDP the gradients are already averaged, so every rank agrees
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     unit_norm = getattr(model, "unit_norm_decoder", False)
     if unit_norm:
         model.remove_parallel_gradient()

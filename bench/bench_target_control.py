@@ -74,9 +74,9 @@ def eval_sae(model, x: torch.Tensor) -> dict[str, float]:
 
 def train_sae(model, x: torch.Tensor, epochs: int, seed: int) -> None:
     """Adam, lr 1e-3, ``epochs`` shuffled passes in batches of 256 (the order drawn from ``seed``)."""
-    from actsparse.train import train_step
+    from actsparse.train import parameter_groups, train_step
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(parameter_groups(model, 1e-3))  # a JumpReLU's θ at its own (10×) rate
     g = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TargetNotReachedWarning)

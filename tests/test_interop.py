@@ -338,7 +338,7 @@ def test_errors_name_the_file_and_the_key(tmp_path) -> None:
             str(tmp_path / "extra/sae_weights.safetensors"))
     with pytest.raises(CheckpointError, match="unexpected key.*W_skip"):
         load_saelens(tmp_path / "extra")
-    for changes, match in [({"architecture": "gated"}, "'architecture' 'gated' is not supported"),
+    for changes, match in [({"architecture": "matching_pursuit"}, "'architecture' 'matching_pursuit' is not supported"),
                            ({"architecture": "batchtopk"}, "save_inference_model"),
                            ({"normalize_activations": "layer_norm"}, "'normalize_activations' 'layer_norm'"),
                            ({"dtype": "int8"}, "'dtype' 'int8' is not one of"),

@@ -186,8 +186,11 @@ class JumpReLU(nn.Module):
 
     Args:
         d_sae: number of units.
-        init_threshold: initial θ. Default 0.001.
-        bandwidth: ε of the straight-through pseudo-derivative. Default 0.001.
+        init_threshold: initial θ. Default 0.01.
+        bandwidth: ε of the straight-through pseudo-derivative. Default 0.05. (The paper's 0.001
+            and 0.001 assume inputs normalised to E‖x‖² = d_in; 0.01 and 0.05 are SAELens'
+            defaults, which train on the ground-truth benchmark's unnormalised data: a window of
+            0.001 sees almost no pre-activation and θ barely learns.)
 
     ``threshold`` ``(d_sae,)`` is the parameter itself, not its log: Adam moves a parameter by about
     its learning rate per step, so a log-threshold grows by a *factor* e^lr a step and a small
@@ -197,22 +200,35 @@ class JumpReLU(nn.Module):
     float32 when the model is cast to bf16/fp16 (its steps of ~lr would round away in bf16: its
     spacing near 0.1 is 0.0005); it is cast to the pre-activations' dtype where it is used.
 
+    ``threshold_lr_scale`` (default 10): θ asks to learn this many times faster than the weights
+    (:meth:`lr_scales`; the trainer's optimiser and :func:`actsparse.train.parameter_groups` honour
+    it). Adam moves θ by at most about lr a step, while the encoder can raise the pre-activations
+    faster: measured on the ground-truth benchmark (d 256, 1,024 latents, lr 1e-3, L0 loss
+    λ = 0.0117), θ at 1× rose 0.0002 a step and the L0 climbed from 387 to 990 as the encoder grew
+    and θ never caught up; at 10× θ kept pace and the L0 came down to 28 within 350 steps.
+
     Pair it with the L0 penalty of the paper, :class:`actsparse.L0`: a
     :class:`~actsparse.models.SparseAutoencoder` binds an ``L0()`` to its JumpReLU's current θ
     (``L0(weight).toward(l0=k)`` to state the L0 instead of λ). Checkpoints that hold the former
     ``log_threshold`` load (θ = exp of it).
     """
 
-    def __init__(self, d_sae: int, init_threshold: float = 0.001, bandwidth: float = 0.001,
-                 *, device=None, dtype=None) -> None:
+    def __init__(self, d_sae: int, init_threshold: float = 0.01, bandwidth: float = 0.05,
+                 *, threshold_lr_scale: float = 10.0, device=None, dtype=None) -> None:
         super().__init__()
         if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
             raise ValueError(f"d_sae must be a positive int, got {d_sae!r}")
         F.check_positive("init_threshold", init_threshold)
         F.check_positive("bandwidth", bandwidth)
+        F.check_positive("threshold_lr_scale", threshold_lr_scale)
         self.bandwidth = float(bandwidth)
+        self.threshold_lr_scale = float(threshold_lr_scale)
         self.threshold = nn.Parameter(torch.full((d_sae,), float(init_threshold), device=device,
                                                  dtype=_master_dtype(dtype)))
+
+    def lr_scales(self) -> dict[str, float]:
+        """The threshold's learning-rate multiplier (:func:`actsparse.train.parameter_groups`)."""
+        return {"threshold": getattr(self, "threshold_lr_scale", 1.0)}
 
     def forward(self, z: Tensor) -> Tensor:
         _check_pre(z)

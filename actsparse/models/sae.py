@@ -24,7 +24,7 @@ from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 __all__ = ["ForwardOutput", "SparseAutoencoder", "check_input", "reconstruction_loss", "squared_error"]
 
 Decoder = Literal["linear", "sigmoid"]
-ReconLoss = Literal["half_sse", "mse"]
+ReconLoss = Literal["half_sse", "mse", "sse"]
 Decode = Literal["auto", "dense", "sparse"]
 
 #: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``. Measured
@@ -35,10 +35,14 @@ SPARSE_MIN_RATIO = 16
 
 
 def reconstruction_loss(x_hat: Tensor, x: Tensor, kind: ReconLoss) -> Tensor:
-    """``half_sse``: ``(1/m) Σ ½‖x̂ − x‖²`` (CS294A, m = batch); ``mse``: the mean over elements.
+    """``half_sse``: ``(1/m) Σ ½‖x̂ − x‖²`` (CS294A, m = batch); ``mse``: the mean over elements;
+    ``sse``: ``(1/m) Σ ‖x̂ − x‖²``, the squared error summed over the inputs and averaged over the
+    batch (SAELens' ``mse_loss``, so that penalty coefficients mean the same as there).
     x̂, x: ``(batch, d_in)``. One fused kernel forward and backward (``mse_loss``)."""
     if kind == "half_sse":
         return nn.functional.mse_loss(x_hat, x, reduction="sum") * (0.5 / x.shape[0])
+    if kind == "sse":
+        return nn.functional.mse_loss(x_hat, x, reduction="sum") * (1.0 / x.shape[0])
     return nn.functional.mse_loss(x_hat, x)
 
 
@@ -61,7 +65,9 @@ def check_input(x: Tensor, d_in: int, weight: Tensor) -> None:
 def squared_error(loss: float, kind: ReconLoss, shape: tuple[int, ...]) -> float:
     """``Σ‖x̂ − x‖²`` recovered from a :func:`reconstruction_loss` value for inputs of ``shape``
     (the training log's FVU then costs no pass over the data)."""
-    return loss * 2 * shape[0] if kind == "half_sse" else loss * math.prod(shape)
+    if kind == "half_sse":
+        return loss * 2 * shape[0]
+    return loss * shape[0] if kind == "sse" else loss * math.prod(shape)
 
 
 class ForwardOutput(NamedTuple):
@@ -142,7 +148,8 @@ class SparseAutoencoder(nn.Module):
         tied: decoder weight = encoder weightᵀ.
         penalty: a Penalty on the hidden code (e.g. ``BernoulliKL(0.01, weight=3)``), or None.
         weight_decay: λ of ``(λ/2)(‖W_enc‖² + ‖W_dec‖²)``, weights only. Default 0.
-        recon_loss: ``half_sse`` (CS294A, default) or ``mse``.
+        recon_loss: ``half_sse`` (CS294A, default), ``mse`` (mean over elements) or ``sse``
+            (summed over the inputs, mean over the batch: SAELens' loss).
         unit_norm_decoder: keep each dictionary atom (a column of :attr:`decoder_weight`
             ``(d_in, d_hidden)``, one per hidden unit) at unit norm; call
             :meth:`normalize_decoder` after each optimiser step and
@@ -215,8 +222,8 @@ class SparseAutoencoder(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if decoder not in ("linear", "sigmoid"):
             raise ValueError(f"decoder must be 'linear' or 'sigmoid', got {decoder!r}")
-        if recon_loss not in ("half_sse", "mse"):
-            raise ValueError(f"recon_loss must be 'half_sse' or 'mse', got {recon_loss!r}")
+        if recon_loss not in ("half_sse", "mse", "sse"):
+            raise ValueError(f"recon_loss must be 'half_sse', 'mse' or 'sse', got {recon_loss!r}")
         if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if penalty is not None and not isinstance(penalty, Penalty):
