@@ -180,7 +180,7 @@ class TrainConfig:
     lr: float = 1e-3
     """Learning rate of minibatch optimisers."""
     clip_grad: float | None = None
-    """Minibatch optimisers: clip the gradient's global norm at this value before each step.
+    """Minibatch optimisers: clip the gradient's global norm at this value before each step (0: never).
     Default: off for ``--recipe classic``; 1 for ``sae`` (as SAELens clips, on the same loss)."""
     lr_decay: float | None = None
     """Minibatch optimisers: the learning rate decays linearly to 0 over this last fraction of the
@@ -431,6 +431,9 @@ class TrainConfig:
             return
         if len(given) > 1:
             raise ConfigError(f"{' and '.join(flags)}: give one target (each adapts the same coefficient)")
+        if self.activation in TOPK_FAMILY:
+            raise ConfigError(f"--activation {self.activation} fixes the number of active units itself (--k): "
+                              f"{flags[0]} has nothing to adapt")
         if self.penalty is None:
             raise ConfigError(f"{flags[0]} adapts the penalty's coefficient: it needs a --penalty "
                               f"({', '.join(sorted(PENALTIES))})")
@@ -451,9 +454,7 @@ class TrainConfig:
                               "l1, l2), not hoyer")
         if self.weight == 0:
             raise ConfigError(f"--weight is the starting coefficient of {flags[0]} and must be > 0")
-        if self.activation in ("topk", "batchtopk", "ksparse"):
-            raise ConfigError(f"--activation {self.activation} fixes the number of active units itself (--k): "
-                              f"{flags[0]} has nothing to adapt")
+
 
     def _check_sae_settings(self) -> None:
         """The knobs of modern SAEs: types, ranges, and the model they belong to."""
@@ -464,8 +465,8 @@ class TrainConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise bad("lr-decay", "a fraction of the steps in [0, 1]", v)
         v = self.clip_grad
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
-            raise bad("clip-grad", "a finite number > 0", v)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+            raise bad("clip-grad", "a finite number >= 0 (0: no clipping)", v)
         v = self.auxk_coef
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             raise bad("auxk-coef", "a finite number >= 0", v)

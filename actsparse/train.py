@@ -584,12 +584,12 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, *,
     """One minibatch step on ``x`` ``(batch, d_in)``: forward, backward, and for unit-norm decoders
     the parallel-gradient removal before the update and the renormalisation after it.
     ``forward`` runs the model (default ``model``; e.g. its ``DistributedDataParallel`` wrapper).
-    ``clip_grad``: clip the gradient's global norm at this value first (default: no clipping).
+    ``clip_grad``: clip the gradient's global norm at this value first (default None or 0: no clipping).
     Returns the :class:`~actsparse.models.ForwardOutput` (no host sync here)."""
     out = (forward or model)(x)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    if clip_grad is not None:  # the global norm; under DDP the gradients are already averaged, so every rank agrees
+    if clip_grad:  # the global norm; under DDP the gradients are already averaged, so every rank agrees
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     unit_norm = getattr(model, "unit_norm_decoder", False)
     if unit_norm:

@@ -12,8 +12,8 @@ in eval mode:
 * **F1**: each latent as a detector of its closest true feature (SynthSAEBench's rule);
 * **VE**: variance explained; **L0**; **dead** latents (never fire on the 20,000 samples).
 
-Architectures, at matched L0 (the true L0; ``--target-l0``): the top-k family holds k itself;
-the penalty SAEs hold it by the target controller (``--target-l0``, one run each, no sweep):
+Architectures, at matched L0 (the true L0, ``--true-l0``): the top-k family holds k itself; the
+penalty SAEs hold it with the target controller (``--target-l0``: one run, no sweep):
 
 * ``relu_l1``: ReLU + L1 on the decoder-norm-weighted code (the ``--recipe sae`` ReLU SAE);
 * ``p_anneal``: the same with Lp, p annealed 1 → 0.5 (Karvonen et al. 2024);
@@ -22,16 +22,19 @@ the penalty SAEs hold it by the target controller (``--target-l0``, one run each
 * ``topk``: TopK (Gao et al. 2024); ``batchtopk``: BatchTopK (Bussmann et al. 2024);
 * ``matryoshka``: Matryoshka BatchTopK, prefixes width/16, width/4, width (Bussmann et al. 2025).
 
-``--reference``: also train SAELens' equivalents on the same samples (needs ``sae-lens``,
-installed only in the benchmark environment: ``bench/requirements-peers.txt``) and score them with
-the same code: ``standard`` (ReLU + decoder-norm-weighted L1, a sweep of its coefficient, its
-metrics interpolated at each seed's L0 along the sweep, linear in log L0), ``jumprelu`` (its
-``quadratic`` L0 loss toward the target L0), ``topk``, ``batchtopk``, ``matryoshka_batchtopk``,
-``gated`` (coefficient sweep as for ``standard``). SAELens' loss is the squared error summed over
-the d inputs, actsparse's the mean: its coefficients are actsparse's times d.
+``relu_l1``, ``gated`` and ``jumprelu`` are also trained as a library without a controller must
+be: a sweep of fixed coefficients (``--sweep``, ``--l0-sweep``), then one run at the coefficient
+the sweep says gives the target L0 (log coefficient interpolated in log L0), reported as
+``ARCH (matched)``.
 
-Run: ``python bench/bench_ground_truth.py [--seeds 0 1 2] [--arch ...] [--reference]`` (actsparse's
-seven architectures × 3 seeds: about 6 minutes on 2 cores; with ``--reference`` about 20);
+``--reference``: SAELens' equivalents trained on the same samples by its own trainer and scored
+by the same code (needs ``sae-lens``, installed only in the benchmark environment:
+``bench/requirements-peers.txt``): ``standard``, ``gated`` and ``jumprelu`` by the same sweep and
+matched run (the same coefficients: the SAE recipe's loss is SAELens' own), ``topk``,
+``batchtopk`` and ``matryoshka_batchtopk`` at k = the target L0.
+
+Run: ``python bench/bench_ground_truth.py [--seeds 0 1 2] [--arch ...] [--reference]`` (actsparse
+alone, 3 seeds: about 8 minutes on 2 cores; with ``--reference`` about 20);
 ``--smoke`` is a tiny version for the test suite. Writes ``bench/results/ground_truth.json`` and the
 figure ``--png`` (default ``docs/img/ground-truth-mcc.png``).
 """
@@ -39,6 +42,7 @@ figure ``--png`` (default ``docs/img/ground-truth-mcc.png``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import sys
@@ -194,13 +198,12 @@ def run_saelens(arch: str, args, seed: int, x: torch.Tensor, held, coef: float |
             **score(code, x_hat, sae.W_dec, xe, codes, features)}
 
 
-def interpolate(sweep: list[dict[str, Any]], l0: float) -> dict[str, float] | None:
-    """MCC, F1, VE of a coefficient sweep at ``l0``, linear in log L0 between its two neighbours."""
-    pts = sorted((math.log(p["l0"]), p) for p in sweep if p["l0"] > 0)
-    xs = [v for v, _ in pts]
-    if len(xs) < 2 or not xs[0] <= math.log(l0) <= xs[-1]:
-        return None
-    return {key: float(np.interp(math.log(l0), xs, [p[key] for _, p in pts])) for key in ("mcc", "f1", "ve")}
+def _ours_at(arch, args, seed, x, held, coef):
+    return run_ours(arch, args, seed, x, held, coef)
+
+
+def _saelens_at(arch, args, seed, x, held, coef):
+    return run_saelens(arch, args, seed, x, held, coef)
 
 
 # ------------------------------------------------------------------------------ the whole benchmark
@@ -218,6 +221,7 @@ def figure(rows: list[dict[str, Any]], path: Path, true_l0: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     names = sorted({(r["library"], r["arch"]) for r in rows})
@@ -239,6 +243,8 @@ def figure(rows: list[dict[str, Any]], path: Path, true_l0: float) -> None:
     for ax, key in zip(axes, ("MCC", "F1")):
         ax.axvline(true_l0, color="grey", lw=0.6, ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("L0 (latents active per sample, held-out data)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
@@ -274,17 +280,20 @@ def main() -> None:
         print(f"seed {r['seed']} {r['library']} {r['arch']}: "
               + ", ".join(f"{k} {r[k]:.3f}" for k in ("mcc", "f1", "ve", "l0") if k in r), flush=True)
 
-    def swept(lib: str, arch: str, seed: int, points: list[dict[str, Any]]) -> None:
-        """The sweep's points, and its metrics interpolated at the target L0 (when it brackets it)."""
+    def swept(lib: str, arch: str, seed: int, run, coefs: list[float]) -> None:
+        """A sweep of fixed coefficients, then one more run at the coefficient that the sweep says
+        gives the target L0 (log coefficient interpolated linearly in log L0 between the two
+        points around it): a real run at (about) the target L0, not an interpolated score."""
+        points = [run(c) for c in coefs]
         rows.extend(p | {"sweep": True} for p in points)
-        got = interpolate(points, args.true_l0)
-        if got is None:
+        pts = sorted((math.log(p["l0"]), math.log(p["coefficient"])) for p in points if p["l0"] > 0)
+        target = math.log(args.true_l0)
+        if len(pts) < 2 or not pts[0][0] <= target <= pts[-1][0]:
             l0s = ", ".join(f"{p['l0']:.1f}" for p in points)
             print(f"seed {seed} {lib} {arch}: the sweep's L0 ({l0s}) does not bracket {args.true_l0:g}", flush=True)
             return
-        rows.append({"arch": f"{arch} (sweep)", "library": lib, "seed": seed, "l0": args.true_l0,
-                     "dead": statistics.fmean(p["dead"] for p in points),
-                     "seconds": statistics.fmean(p["seconds"] for p in points), **got})
+        coef = math.exp(float(np.interp(target, [a for a, _ in pts], [b for _, b in pts])))
+        rows.append(run(coef) | {"arch": f"{arch} (matched)"})
         show(rows[-1])
 
     for seed in args.seeds:
@@ -298,12 +307,12 @@ def main() -> None:
         for arch in SWEPT:
             if arch in args.arch and args.sweep:
                 coefs = args.l0_sweep if arch == "jumprelu" else args.sweep
-                swept("actsparse", arch, seed, [run_ours(arch, args, seed, x, held, c) for c in coefs])
+                swept("actsparse", arch, seed, functools.partial(_ours_at, arch, args, seed, x, held), coefs)
         if args.reference:
             for arch in args.reference_arch:
                 if arch in ("standard", "gated", "jumprelu"):  # no controller there: a sweep
                     coefs = args.l0_sweep if arch == "jumprelu" else args.sweep
-                    swept("saelens", arch, seed, [run_saelens(arch, args, seed, x, held, c) for c in coefs])
+                    swept("saelens", arch, seed, functools.partial(_saelens_at, arch, args, seed, x, held), coefs)
                 else:
                     rows.append(run_saelens(arch, args, seed, x, held))
                     show(rows[-1])

@@ -57,7 +57,7 @@ def test_resolved_recipe_is_recorded_and_a_resume_keeps_it():
     ({"activation": "topk", "k": 4, "resample_every": 10, "optimizer": "lbfgs"}, "--resample-every resamples"),
     ({"activation": "topk", "k": 4, "dead_after": 0}, "--dead-after must be a positive integer"),
     ({"activation": "topk", "k": 4, "auxk_coef": -1.0}, "--auxk-coef must be"),
-    ({"activation": "topk", "k": 4, "clip_grad": 0.0}, "--clip-grad must be a finite number > 0"),
+    ({"activation": "topk", "k": 4, "clip_grad": -1.0}, "--clip-grad must be a finite number >= 0"),
     ({"activation": "topk", "k": 4, "lr_decay": 1.5}, "--lr-decay must be a fraction"),
     ({"final_samples": 0, "validation": 0.0}, "--final-samples 0 measures"),
     ({"activation": "jumprelu", "threshold": -0.1}, "initial θ and must be > 0"),
@@ -236,3 +236,22 @@ def test_clip_grad_bounds_the_update_norm():
     train_step(model, opt, 100 * torch.randn(32, 8), clip_grad=0.5)
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert float(moved) == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1: the step is the clipped gradient
+
+
+def test_frequency_kl_on_a_jumprelu_threshold_survives_many_steps():
+    """The pairing the JumpReLU docstring once suggested crashed on the second backward (its θ was
+    exp(log θ), a tensor computed once); θ is now the parameter itself."""
+    import actsparse
+    from actsparse.models import JumpReLU, SparseAutoencoder
+
+    act = JumpReLU(16)
+    model = SparseAutoencoder(8, 16, act, penalty=actsparse.FrequencyKL(0.1, threshold=act.threshold),
+                              recon_loss="mse")
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    before = act.threshold.detach().clone()
+    for _ in range(3):
+        out = model(torch.randn(64, 8))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert not torch.equal(act.threshold.detach(), before)  # θ trained by both terms, step after step
