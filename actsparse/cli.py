@@ -399,7 +399,7 @@ def cmd_eval(argv: list[str]) -> int:
     import json
 
     from .data import load_data
-    from .evaluation import ground_truth_metrics
+    from .evaluation import ground_truth_metrics, prefix_report
     from .train import evaluate
 
     a, model, cfg = _load_run(argv, "actsparse eval")
@@ -408,6 +408,7 @@ def cmd_eval(argv: list[str]) -> int:
     gt = ground_truth_metrics(model, data, cfg.seed)
     if gt is not None:
         m |= gt
+    m |= prefix_report(model, data.x)
     print(json.dumps({"run": a.run, "data": data.description, **m}, indent=2))
     return 0
 

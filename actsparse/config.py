@@ -79,8 +79,9 @@ class TrainConfig:
     recipe: Recipe = "auto"
     """What the settings below are when left unset: ``classic`` (Ng's CS294A
     autoencoder: sigmoid decoder, L-BFGS, KL penalty, UFLDL init, weight decay) or ``sae`` (a
-    sparse autoencoder of the interpretability field: linear decoder, Adam, L1 for ReLU and
-    gated units, L0 for JumpReLU, none for the top-k family, encoder = decoderᵀ at init, no weight
+    sparse autoencoder of the interpretability field: linear decoder, Adam with gradient
+    clipping, SAELens' loss (the squared error summed over the inputs), L1 for ReLU and gated
+    units, L0 for JumpReLU, none for the top-k family, encoder = decoderᵀ at init, no weight
     decay, the decoder bias subtracted from the input). ``auto``: ``sae`` for the topk,
     batchtopk, jumprelu and gated activations and for ``synthetic``, ``ground-truth`` and
     ``shards:`` data; else ``classic``."""

@@ -15,7 +15,7 @@ from . import metrics as M
 from .models.sparse_topk import SparseCode
 
 __all__ = ["evaluate", "unit_statistics", "split_indices", "training_split", "penalty_target",
-           "ground_truth_metrics", "GROUND_TRUTH_EVAL_SAMPLES"]
+           "ground_truth_metrics", "GROUND_TRUTH_EVAL_SAMPLES", "prefix_report"]
 
 #: Fresh samples drawn from a ground-truth generator to score feature detection (F1).
 GROUND_TRUTH_EVAL_SAMPLES = 20_000
@@ -169,3 +169,14 @@ def ground_truth_metrics(model: torch.nn.Module, data, seed: int = 0) -> dict[st
             "dead_latents": usage["dead"], "dense_latents": usage["dense"],
             "true_l0": float((codes != 0).sum(1).double().mean())}
     return out
+
+
+@torch.no_grad()
+def prefix_report(model: torch.nn.Module, x: Tensor, limit: int = GROUND_TRUTH_EVAL_SAMPLES) -> dict[str, float]:
+    """A Matryoshka SAE's per-prefix FVU and L0 on the first ``limit`` rows of ``x`` ``(n, d_in)``,
+    as flat ``metrics.json`` keys ``prefix_<m>_fvu`` and ``prefix_<m>_l0``; ``{}`` for other models."""
+    if not getattr(model, "matryoshka", None) or not hasattr(model, "prefix_metrics"):
+        return {}
+    device = next(model.parameters()).device
+    rows = model.prefix_metrics(x[:limit].to(device, model.W_enc.dtype))
+    return {f"prefix_{r['size']}_{key}": r[key] for r in rows for key in ("fvu", "l0")}

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import TrainConfig
-from .evaluation import GROUND_TRUTH_EVAL_SAMPLES, ground_truth_metrics
+from .evaluation import GROUND_TRUTH_EVAL_SAMPLES, ground_truth_metrics, prefix_report
 from .interrupt import raise_if_pending
 from .run_files import claim_run_dir, holds_run
 from .train import TrainResult, planned_steps, train
@@ -434,6 +434,12 @@ def _train_and_report(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], Non
     if gt is not None:
         metrics |= gt
         echo(ground_truth_summary(gt, data.true_features.shape[0]))
+    prefixes = prefix_report(result.model, data.x)
+    if prefixes:  # a Matryoshka SAE: how well each nested dictionary reconstructs on its own
+        metrics |= prefixes
+        echo("matryoshka prefixes: " + ", ".join(
+            f"{m} latents FVU {prefixes[f'prefix_{m}_fvu']:.3f} (L0 {prefixes[f'prefix_{m}_l0']:.1f})"
+            for m in result.model.matryoshka))
     metrics["total_seconds"] = time.perf_counter() - t0
     atomic_write(run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     if tb is not None:

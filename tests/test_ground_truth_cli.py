@@ -255,3 +255,24 @@ def test_frequency_kl_on_a_jumprelu_threshold_survives_many_steps():
         out.loss.backward()
         opt.step()
     assert not torch.equal(act.threshold.detach(), before)  # θ trained by both terms, step after step
+
+
+def test_a_matryoshka_run_reports_each_prefix(tmp_path, capsys):
+    """prefix_<m>_fvu against a NumPy re-computation from the saved weights: BatchTopK at inference
+    keeps the units above its threshold θ; prefix m decodes the first m latents alone."""
+    from safetensors.numpy import load_file
+
+    assert main(["train", *FAST, "--activation", "batchtopk", "--k", "3", "--matryoshka", "8", "16", "32",
+                 "--out", str(tmp_path)]) == 0
+    assert "matryoshka prefixes: 8 latents FVU" in capsys.readouterr().out
+    run = tmp_path / "sae"
+    m = json.loads((run / "metrics.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in load_file(str(run / "model.safetensors")).items()}
+    x = load_data(TrainConfig(data=SMALL, samples=600, activation="batchtopk", k=3)).x.numpy().astype(np.float64)
+    z = np.maximum((x - w["b_dec"]) @ w["W_enc"].T + w["b_enc"], 0)
+    code = z * (z > w["activation.threshold"])
+    total = ((x - x.mean(0)) ** 2).sum()
+    for size in (8, 16, 32):
+        x_hat = code[:, :size] @ w["W_dec"][:size] + w["b_dec"]
+        assert m[f"prefix_{size}_fvu"] == pytest.approx(((x - x_hat) ** 2).sum() / total, rel=1e-4)
+        assert m[f"prefix_{size}_l0"] == pytest.approx((code[:, :size] != 0).sum(1).mean(), rel=1e-6)
