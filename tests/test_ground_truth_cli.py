@@ -27,7 +27,7 @@ FAST = ["--data", SMALL, "--hidden", "32", "--samples", "600", "--epochs", "2", 
           init_scale=0.1, unit_norm_decoder=False, clip_grad=1.0)),
     ({"activation": "jumprelu"}, dict(decoder="linear", penalty="l0", weight=0.1, init_scale=0.1)),
     ({"activation": "gated"}, dict(penalty="l1", unit_norm_decoder=False)),
-    ({"activation": "topk", "k": 4}, dict(penalty=None, init_scale=1.0, unit_norm_decoder=True, optimizer="adam")),
+    ({"activation": "topk", "k": 4}, dict(penalty=None, init_scale=0.1, unit_norm_decoder=True, optimizer="adam")),
     ({"activation": "relu", "recipe": "sae"}, dict(decoder="linear", penalty="l1")),
     ({"activation": "topk", "k": 4, "recipe": "classic"}, dict(decoder="sigmoid", optimizer="lbfgs")),
     # a value given wins over the recipe's
