@@ -265,7 +265,7 @@ def main() -> None:
                       reference_arch=dict(nargs="+", default=list(REFERENCE_ARCHS), choices=REFERENCE_ARCHS),
                       sweep=dict(type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
                                  help="L1 coefficients of the sweeps (relu_l1, gated; both libraries)"),
-                      l0_sweep=dict(type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
+                      l0_sweep=dict(type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0],
                                     help="L0 coefficients of the JumpReLU sweeps"),
                       features=dict(type=int, default=2048), d=dict(type=int, default=128),
                       true_l0=dict(type=float, default=16.0), width=dict(type=int, default=512),
