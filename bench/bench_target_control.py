@@ -8,7 +8,7 @@ Every figure is measured at the end of training, in eval mode, on held-out data,
 * ``sweep``: the same SAE with a fixed λ, 10 values log-spaced over 2e-3..6e-2; its (L0, FVU) curve on
   the held-out rows, against which each controlled run's FVU is compared at its own L0
   (interpolated in log L0 along the sweep, seed by seed).
-* ``jumprelu``: a JumpReLU SAE (same data and training; θ initialised at 0.1, ε = 0.05) with the
+* ``jumprelu``: a JumpReLU SAE (same data and training; the JumpReLU's defaults θ₀ = 0.01, ε = 0.05) with the
   paper's L0 loss, ``L0(1e-3).toward(l0=...)``, targets 8 and 32.
 * ``classic``: ``actsparse train --target-mean 0.01`` (CS294A: sigmoid, Bernoulli KL, L-BFGS);
   ρ̂ on the 1,000 held-out validation rows and on 50,000 fresh patches (the same pipeline with
@@ -105,14 +105,14 @@ def sae_run(seed: int, n: int, epochs: int, weight: float, target_l0: float | No
 
 
 def jumprelu_run(seed: int, n: int, epochs: int, target_l0: float) -> dict[str, float]:
-    """A JumpReLU SAE (32 → 128, unit-norm decoder, θ initialised at 0.1, ε = 0.05: on the scale of
-    these pre-activations) with the paper's L0 loss, ``L0(1e-3).toward(l0=target)``."""
+    """A JumpReLU SAE (32 → 128, unit-norm decoder, the JumpReLU's defaults: θ₀ = 0.01, ε = 0.05,
+    θ at 10× the learning rate) with the paper's L0 loss, ``L0(1e-3).toward(l0=target)``."""
     from actsparse.models import JumpReLU, SparseAutoencoder
 
     x, held = sae_data(seed, n)
     penalty = actsparse.L0(1e-3).toward(l0=target_l0, rate_of_change=0.02)
     torch.manual_seed(seed)
-    model = SparseAutoencoder(32, 128, JumpReLU(128, init_threshold=0.1, bandwidth=0.05), decoder="linear",
+    model = SparseAutoencoder(32, 128, JumpReLU(128), decoder="linear",
                               penalty=penalty, recon_loss="mse", unit_norm_decoder=True, init="orthogonal_tied")
     train_sae(model, x, epochs, seed)
     return {**eval_sae(model, held), "coefficient": float(penalty.coefficient),
