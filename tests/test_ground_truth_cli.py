@@ -276,3 +276,24 @@ def test_a_matryoshka_run_reports_each_prefix(tmp_path, capsys):
         x_hat = code[:, :size] @ w["W_dec"][:size] + w["b_dec"]
         assert m[f"prefix_{size}_fvu"] == pytest.approx(((x - x_hat) ** 2).sum() / total, rel=1e-4)
         assert m[f"prefix_{size}_l0"] == pytest.approx((code[:, :size] != 0).sum(1).mean(), rel=1e-6)
+
+
+def test_ground_truth_benchmark_smoke(tmp_path):
+    """bench/bench_ground_truth.py at its tiny size: every architecture trains and is scored, and the
+    figure is drawn (the real run is in docs/benchmarks.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_ground_truth.py"
+    out, png = tmp_path / "gt.json", tmp_path / "gt.png"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out), "--png", str(png)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["smoke"] is True
+    assert {f"actsparse/{a}" for a in ("relu_l1", "p_anneal", "gated", "jumprelu", "topk", "batchtopk",
+                                      "matryoshka")} <= set(res["table"])
+    for row in res["table"].values():
+        assert 0 <= row["mcc"] <= 1 and 0 <= row["f1"] <= 1
+    assert png.stat().st_size > 10_000
