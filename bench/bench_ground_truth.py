@@ -34,7 +34,8 @@ matched run (the same coefficients: the SAE recipe's loss is SAELens' own), ``to
 ``batchtopk`` and ``matryoshka_batchtopk`` at k = the target L0.
 
 Run: ``python bench/bench_ground_truth.py [--seeds 0 1 2] [--arch ...] [--reference]`` (actsparse
-alone, 3 seeds: about 8 minutes on 2 cores; with ``--reference`` about 20);
+alone, 3 seeds: about 12 minutes on 2 cores, 4 without the sweeps (``--sweep`` with no value);
+with ``--reference`` about 21); ``--replot JSON`` redraws the figure;
 ``--smoke`` is a tiny version for the test suite. Writes ``bench/results/ground_truth.json`` and the
 figure ``--png`` (default ``docs/img/ground-truth-mcc.png``).
 """
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import statistics
 import sys
@@ -216,41 +218,57 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return table
 
 
+#: One colour per architecture, the same for both libraries (SAELens' names on the right).
+FAMILIES = {"relu_l1": "ReLU + L1", "standard": "ReLU + L1", "gated": "Gated", "jumprelu": "JumpReLU",
+            "p_anneal": "p-annealing", "topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka",
+            "matryoshka_batchtopk": "Matryoshka"}
+
+
 def figure(rows: list[dict[str, Any]], path: Path, true_l0: float) -> None:
+    """MCC and F1 against L0: a colour per architecture, a marker per library and kind of run
+    (controlled or top-k: circle; matched to the target by a sweep: diamond; SAELens: cross),
+    and each sweep as a thin line (solid: actsparse, dashed: SAELens)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({(r["library"], r["arch"]) for r in rows})
-    cmap = plt.get_cmap("tab20")
-    for i, (lib, arch) in enumerate(names):
-        sel = [r for r in rows if (r["library"], r["arch"]) == (lib, arch)]
-        marker = "o" if lib == "actsparse" else "x"
-        for ax, key in zip(axes, ("mcc", "f1")):
-            sweep = [r for r in sel if r.get("sweep")]
-            if sweep:
-                for s in sorted({r["seed"] for r in sweep}):
-                    pts = sorted((r["l0"], r[key]) for r in sweep if r["seed"] == s)
-                    ax.plot(*zip(*pts), color=cmap(i), lw=0.8, alpha=0.6, marker=marker, ms=3,
-                            label=f"{lib} {arch} (sweep)" if s == min(r["seed"] for r in sweep) else None)
+    families = list(dict.fromkeys(FAMILIES.values()))
+    colour = {f: plt.get_cmap("tab10")(i) for i, f in enumerate(families)}
+
+    def family(arch: str) -> str:
+        return FAMILIES.get(arch.replace(" (matched)", ""), arch)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    for ax, key in zip(axes, ("mcc", "f1")):
+        for (lib, arch) in sorted({(r["library"], r["arch"]) for r in rows}):
+            sel = [r for r in rows if (r["library"], r["arch"]) == (lib, arch)]
+            c = colour.get(family(arch), "grey")
+            for s in sorted({r["seed"] for r in sel if r.get("sweep")}):
+                pts = sorted((r["l0"], r[key]) for r in sel if r.get("sweep") and r["seed"] == s and r["l0"] > 0)
+                ax.plot(*zip(*pts), color=c, lw=0.7, alpha=0.5, ls="-" if lib == "actsparse" else "--")
             main = [r for r in sel if not r.get("sweep")]
-            if main:
-                ax.scatter([r["l0"] for r in main], [r[key] for r in main], color=cmap(i), marker=marker, s=30,
-                           label=f"{lib} {arch}")
-    for ax, key in zip(axes, ("MCC", "F1")):
+            marker = "x" if lib != "actsparse" else ("D" if "matched" in arch else "o")
+            ax.scatter([r["l0"] for r in main], [r[key] for r in main], color=c, marker=marker, s=32, zorder=3)
         ax.axvline(true_l0, color="grey", lw=0.6, ls=":")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("L0 (latents active per sample, held-out data)")
-        ax.set_ylabel(key)
+        ax.set_ylabel(key.upper())
         ax.grid(alpha=0.3)
     axes[0].set_title("dictionary vs true features (MCC)")
     axes[1].set_title("feature detection (F1)")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles = [Line2D([], [], color=colour[f], lw=3, label=f) for f in families]
+    handles += [Line2D([], [], color="k", marker="o", ls="", label="actsparse: target L0 / k"),
+                Line2D([], [], color="k", marker="D", ls="", label="actsparse: matched by a sweep"),
+                Line2D([], [], color="k", marker="x", ls="", label="SAELens (matched, or k)"),
+                Line2D([], [], color="k", lw=0.7, label="actsparse sweep"),
+                Line2D([], [], color="k", lw=0.7, ls="--", label="SAELens sweep"),
+                Line2D([], [], color="grey", lw=0.6, ls=":", label="true L0")]
+    axes[1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -270,7 +288,12 @@ def main() -> None:
                       features=dict(type=int, default=2048), d=dict(type=int, default=128),
                       true_l0=dict(type=float, default=16.0), width=dict(type=int, default=512),
                       samples=dict(type=int, default=400_000),
-                      png=dict(type=str, default=str(ROOT / "docs" / "img" / "ground-truth-mcc.png")))
+                      png=dict(type=str, default=str(ROOT / "docs" / "img" / "ground-truth-mcc.png")),
+                      replot=dict(type=str, default=None, help="redraw the figure from a result JSON and exit"))
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+        figure(res["runs"], Path(args.png), res["settings"]["true_l0"])
+        return
     if args.smoke:
         args.features, args.d, args.true_l0, args.width, args.samples = 128, 32, 4.0, 64, 4096
         args.seeds, args.sweep, args.l0_sweep = args.seeds[:1], args.sweep[:2], args.l0_sweep[:2]
