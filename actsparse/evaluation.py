@@ -114,18 +114,24 @@ def penalty_target(model: torch.nn.Module) -> tuple[float, str] | None:
     """The target ρ of ``model``'s sparsity penalty and what it is a target for: ``"mean
     activation"`` (the KL penalties on ρ̂: ``kl``, ``poisson_kl``) or ``"firing frequency"``
     (``frequency_kl``: the share of samples where a unit's activation exceeds its threshold).
-    None without a penalty or for a penalty without a target (L1, L2, Hoyer)."""
+    With ``toward``: the statistic it holds, ``mean`` or ``rate`` (an ``l0`` target counts units
+    per sample, not a value per unit: None). None without a penalty or for a penalty without a
+    target (L1, L2, Hoyer)."""
     from .penalties import FrequencyKL
 
     pen = getattr(model, "penalty", None)
     pens = getattr(model, "penalties", None)
     if pen is None and isinstance(pens, (dict, torch.nn.ModuleDict)) and len(pens):
         pen = list(pens.values())[-1]  # a stacked model: the penalty on its code layer
+    from .control import TargetSparsity
+
+    if isinstance(pen, TargetSparsity):  # --target-*: the statistic it holds (an L0 is no per-unit target)
+        kind = {"mean": "mean activation", "rate": "firing frequency"}.get(pen.statistic_name)
+        return (float(pen.target), kind) if kind else None
     target = getattr(pen, "target", None)
     if isinstance(target, bool) or not isinstance(target, (int, float)):
         return None
-    inner = getattr(pen, "inner", pen)
-    return float(target), "firing frequency" if isinstance(inner, FrequencyKL) else "mean activation"
+    return float(target), "firing frequency" if isinstance(pen, FrequencyKL) else "mean activation"
 
 
 @torch.no_grad()

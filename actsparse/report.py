@@ -306,7 +306,14 @@ def write_report(run_dir: str | Path) -> Path:
         rows, notes, hidden = [], [], []
         for k, v in metrics.items():
             note, cls = METRIC_NOTES.get(k, ""), ""
-            if k == "target":
+            control = cfg.control() if k == "target" and hasattr(cfg, "control") else None
+            if control is not None:  # --target-*: the statistic held during training, and its target
+                v = control[1]
+                note = {"l0": "target L0 (active units per sample) of --target-l0, held by adapting the coefficient",
+                        "rate": "target firing rate of --target-rate, held by adapting the coefficient",
+                        "mean": "target mean activation of --target-mean, held by adapting the coefficient",
+                        }[control[0]]
+            elif k == "target":
                 if cfg.penalty is None:  # no penalty, no target: train records --target's default all the same
                     notes.append("metrics.json's target (the default of --target) is not shown: this run has "
                                  "no penalty, so no target.")

@@ -297,3 +297,20 @@ def test_ground_truth_benchmark_smoke(tmp_path):
     for row in res["table"].values():
         assert 0 <= row["mcc"] <= 1 and 0 <= row["f1"] <= 1
     assert png.stat().st_size > 10_000
+
+
+def test_penalty_target_of_a_controlled_penalty_is_the_statistic_it_holds():
+    """Figures draw a per-unit target line only for a per-unit statistic: an L0 target (units per
+    sample) is not one; a rate or a mean is (the controller's own target, not --target's default)."""
+    import actsparse
+    from actsparse.evaluation import penalty_target
+    from actsparse.models import SparseAutoencoder
+
+    def target_of(penalty):
+        return penalty_target(SparseAutoencoder(4, 8, "relu", penalty=penalty))
+
+    assert target_of(actsparse.L1(1e-3).toward(l0=3)) is None
+    assert target_of(actsparse.L1(1e-3).toward(rate=0.2)) == (0.2, "firing frequency")
+    assert target_of(actsparse.PoissonKL(0.01).toward(mean=0.05)) == (0.05, "mean activation")
+    assert target_of(actsparse.PoissonKL(0.01)) == (0.01, "mean activation")
+    assert target_of(actsparse.L1(1e-3)) is None
