@@ -319,7 +319,7 @@ def write_figures(run_dir: Path, result, data, cfg=None) -> list[str]:
         written.append("control.png")
     if cfg is not None:
         x = training_split(data, cfg)
-        samples = f"on the training split ({x.shape[0]:,} samples, eval mode), as metrics.json's mean_activation"
+        samples = f"on the training split ({x.shape[0]:,} samples, eval mode), as in metrics.json"
     else:  # no config to recompute the split from: say what was used
         x = data.x
         samples = f"on all {x.shape[0]:,} samples (eval mode)"
