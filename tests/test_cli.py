@@ -167,7 +167,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, extra):
     from actsparse.data import load_data
     from actsparse.train import train
 
-    base = ["train", "--samples", "1000", "--no-progress", "--no-plots", "--checkpoint-every", "7", *extra]
+    base = ["train", "--samples", "1000", "--no-progress", "--no-plots", "--checkpoint-every", "7", "--threads", "1",
+            *extra]  # one thread: the two runs compared must sum in the same order, whatever the machine's load
     assert main([*base, "--out", str(tmp_path), "--name", "full"]) == 0
 
     # the interrupted run: the library's loop, stopped by an exception after step 14 was saved
