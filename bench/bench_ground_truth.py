@@ -2,7 +2,7 @@
 
 Data: :class:`actsparse.data.ground_truth.GroundTruth` (``--data ground-truth``'s generator):
 ``--features`` true unit-norm features in ``--d`` dims, ``--true-l0`` active per sample with
-Zipfian firing (exponent 0.5), trees of parents with 4 children and grandchildren (a child fires
+Zipfian firing (exponent 0.5), ``--features``/32 parents with 4 children each (a child fires
 only with its parent), correlated roots (ρ = 0.1), magnitudes |N(1, 0.15²)|. Every SAE sees the
 same ``--samples`` training samples (one epoch), in the same order, with the same width
 ``--width``, batch 512 and Adam at lr 1e-3; each is scored on 20,000 fresh samples (another seed)

@@ -58,9 +58,9 @@ FOLDER_PREFIX = "folder:"
 BUILTIN_SOURCES = ("patches", "digits", "synthetic", "ground-truth")
 GROUND_TRUTH_PREFIX = "ground-truth"
 #: ``--data ground-truth``: 2,048 features in 128 dims, 16 active per sample on average, Zipfian
-#: firing (exponent 0.5: from 18 % of samples down to 0.4 %), 64 trees of parents with 4 children
-#: and grandchildren, correlated roots (ρ = 0.1), magnitudes |N(1, 0.15²)|: the kind of data of
-#: SynthSAEBench (Chanin et al. 2026), at a size a laptop trains in a minute.
+#: firing (exponent 0.5: from 18 % of samples down to 0.4 %), 64 parents with 4 children each (a
+#: child fires only with its parent), correlated roots (ρ = 0.1), magnitudes |N(1, 0.15²)|: the
+#: kind of data of SynthSAEBench (Chanin et al. 2026), at a size a laptop trains in a minute.
 GROUND_TRUTH_DEFAULTS: dict[str, Any] = {
     "n_features": 2048, "d": 128, "mean_active": 16.0, "zipf_exponent": 0.5, "hierarchy": (64, 4, 2),
     "correlation": 0.1, "magnitude_std": 0.15,
