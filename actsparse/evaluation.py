@@ -151,13 +151,13 @@ def ground_truth_metrics(model: torch.nn.Module, data, seed: int = 0) -> dict[st
         return None
     atoms = model.atoms.detach().float().cpu()
     truth = data.true_features.float().cpu()
-    out: dict[str, float] = {"mmcs": float(M.mmcs(truth, atoms)), "mcc": float(M.mcc(truth, atoms))}
+    out: dict[str, float] = {"mmcs": float(M.mmcs(truth, atoms))}
     if getattr(data, "truth", None) is not None:
         x, codes = data.truth.sample(GROUND_TRUTH_EVAL_SAMPLES, seed + 1)
     elif getattr(data, "true_codes", None) is not None:
         x, codes = data.x[:GROUND_TRUTH_EVAL_SAMPLES], data.true_codes[:GROUND_TRUTH_EVAL_SAMPLES]
     else:
-        return out
+        return out | {"mcc": float(M.mcc(truth, atoms))}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -170,7 +170,7 @@ def ground_truth_metrics(model: torch.nn.Module, data, seed: int = 0) -> dict[st
     x_hat = torch.cat([p.reconstruction.float().cpu() for p in parts])
     f1 = M.feature_f1(codes, code, truth, atoms, threshold=0.0)
     usage = M.latent_usage(code)
-    out |= {"f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"],
+    out |= {"mcc": f1["mcc"], "f1": f1["f1"], "precision": f1["precision"], "recall": f1["recall"],
             "variance_explained": float(M.variance_explained(x, x_hat)), "heldout_l0": usage["l0"],
             "dead_latents": usage["dead"], "dense_latents": usage["dense"],
             "true_l0": float((codes != 0).sum(1).double().mean())}

@@ -88,9 +88,9 @@ def score(code: torch.Tensor, x_hat: torch.Tensor, atoms: torch.Tensor, x: torch
           codes: torch.Tensor, features: torch.Tensor) -> dict[str, float]:
     """MCC, F1, VE, L0, dead latents of one SAE's eval-mode code and reconstruction of ``x``."""
     code, x_hat, atoms = code.detach().float(), x_hat.detach().float(), atoms.detach().float()
-    f1 = M.feature_f1(codes, code, features, atoms)
+    f1 = M.feature_f1(codes, code, features, atoms)  # its "mcc": one Hungarian matching, not two
     usage = M.latent_usage(code)
-    return {"mcc": float(M.mcc(features, atoms)), "f1": f1["f1"], "ve": float(M.variance_explained(x, x_hat)),
+    return {"mcc": f1["mcc"], "f1": f1["f1"], "ve": float(M.variance_explained(x, x_hat)),
             "l0": usage["l0"], "dead": usage["dead"]}
 
 
@@ -198,14 +198,6 @@ def run_saelens(arch: str, args, seed: int, x: torch.Tensor, held, coef: float |
         x_hat = torch.cat([sae.decode(c) for c in code.split(4096)])
     return {"arch": arch, "library": "saelens", "seed": seed, "seconds": seconds, "coefficient": coef,
             **score(code, x_hat, sae.W_dec, xe, codes, features)}
-
-
-def _ours_at(arch, args, seed, x, held, coef):
-    return run_ours(arch, args, seed, x, held, coef)
-
-
-def _saelens_at(arch, args, seed, x, held, coef):
-    return run_saelens(arch, args, seed, x, held, coef)
 
 
 # ------------------------------------------------------------------------------ the whole benchmark
@@ -330,12 +322,12 @@ def main() -> None:
         for arch in SWEPT:
             if arch in args.arch and args.sweep:
                 coefs = args.l0_sweep if arch == "jumprelu" else args.sweep
-                swept("actsparse", arch, seed, functools.partial(_ours_at, arch, args, seed, x, held), coefs)
+                swept("actsparse", arch, seed, functools.partial(run_ours, arch, args, seed, x, held), coefs)
         if args.reference:
             for arch in args.reference_arch:
                 if arch in ("standard", "gated", "jumprelu"):  # no controller there: a sweep
                     coefs = args.l0_sweep if arch == "jumprelu" else args.sweep
-                    swept("saelens", arch, seed, functools.partial(_saelens_at, arch, args, seed, x, held), coefs)
+                    swept("saelens", arch, seed, functools.partial(run_saelens, arch, args, seed, x, held), coefs)
                 else:
                     rows.append(run_saelens(arch, args, seed, x, held))
                     show(rows[-1])
