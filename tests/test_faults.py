@@ -92,16 +92,18 @@ WRITER = textwrap.dedent("""
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_half_file(tmp_path):
-    """A process writes 16 MiB checkpoints in a loop and is SIGKILLed at random moments, eight
-    times: each time the loader finds a complete checkpoint whose contents match its step."""
+    """A process writes 16 MiB checkpoints in a loop and is SIGKILLed at random moments (at least
+    four times, and until one kill has landed mid-write, at most 24): each time the loader finds a
+    complete checkpoint whose contents match its step."""
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     run = tmp_path / "run"
     run.mkdir()
     gen = torch.Generator().manual_seed(0)
     survived, torn, last = 0, 0, 0
-    kills = 8
-    for _ in range(kills):
+    kills = 0
+    while kills < 24 and (kills < 4 or torn == 0):  # a busy machine can shift where the kills land
+        kills += 1
         p = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True, env=ENV)
         p.stdout.readline()  # at least one checkpoint of this process is complete
         time.sleep(float(torch.rand((), generator=gen)) * 0.3)

@@ -346,6 +346,9 @@ def load_data(cfg) -> Dataset:
         folder = kind[len(FOLDER_PREFIX):] if kind.startswith(FOLDER_PREFIX) else kind
         if not folder:
             raise ValueError("an image-folder source is folder:DIR, got an empty DIR")
+        if (Path(folder) / "index.json").is_file() and not kind.startswith(FOLDER_PREFIX):
+            raise ValueError(f"{folder} is a shard store of activations, not a folder of images: pass --data "
+                             f"{SHARDS_PREFIX}{folder}")
         x, n_images = folder_patches(folder, cfg.samples, cfg.patch_size, cfg.whiten, cfg.seed)
         desc = (f"{cfg.samples} {cfg.patch_size}x{cfg.patch_size} patches of {n_images} images in {folder} "
                 f"(whiten={cfg.whiten})")
