@@ -409,8 +409,26 @@ def cmd_eval(argv: list[str]) -> int:
     if gt is not None:
         m |= gt
     m |= prefix_report(model, data.x)
+    m |= _lm_run_metrics(a.run, model)
     print(json.dumps({"run": a.run, "data": data.description, **m}, indent=2))
     return 0
+
+
+def _lm_run_metrics(run: str, model) -> dict:
+    """For a run of ``actsparse lm-demo`` (it holds ``lm.json``): the SAE spliced into its language
+    model on the run's held-out windows (loss recovered, KL, the CEs); else nothing."""
+    import sys
+
+    from .lm.demo import downstream_record, lm_downstream, load_lm_run
+
+    try:
+        loaded = load_lm_run(run, echo=lambda line: print(line, file=sys.stderr))
+    except ModuleNotFoundError as err:
+        raise _MissingExtra(str(err)) from err
+    if loaded is None:
+        return {}
+    lm, corpus, lm_info = loaded
+    return downstream_record(lm_downstream(lm, model.eval(), lm_info, corpus))
 
 
 def cmd_plot(argv: list[str]) -> int:
@@ -508,6 +526,27 @@ def cmd_cache_activations(argv: list[str]) -> int:
     return 0
 
 
+def cmd_lm_demo(argv: list[str]) -> int:
+    """``actsparse lm-demo``: a TopK SAE on a byte-level GPT-2 trained on the standard library."""
+    tyro = _need("tyro")
+    from .lm.demo import LMDemoConfig, run_lm_demo
+
+    doc = ("Train (once, then cached) a byte-level GPT-2 on the Python standard library, a TopK SAE on one of "
+           "its layers, splice the SAE into the model on held-out files (loss recovered, KL) and write a run "
+           "folder with metrics, figures and a latent browser (latents.html). Nothing is downloaded.")
+    if _wants_help(argv):
+        print(_help_text(LMDemoConfig, LMDemoConfig(), "actsparse lm-demo", doc,
+                         metavars={"layer": "MODULE", "out": "DIR", "name": "NAME"}), end="")
+        return 0
+    a = _parse(tyro, LMDemoConfig, args=argv, prog="actsparse lm-demo")
+    a.check()
+    try:
+        run_lm_demo(a)
+    except ModuleNotFoundError as err:
+        raise _MissingExtra(str(err)) from err
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     """``actsparse report RUN``: write ``RUN/report.html``, one self-contained page of the run."""
     from .report import write_report
@@ -519,17 +558,18 @@ def cmd_report(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "report": cmd_report, "gradcheck": cmd_gradcheck,
-            "cache-activations": cmd_cache_activations}
+            "cache-activations": cmd_cache_activations, "lm-demo": cmd_lm_demo}
 
 
 def _usage() -> str:
-    return ("usage: actsparse {train,eval,plot,report,gradcheck,cache-activations} [flags]\n"
+    return ("usage: actsparse {train,eval,plot,report,gradcheck,cache-activations,lm-demo} [flags]\n"
             "  train      train a sparse autoencoder (defaults: the classic CS294A exercise)\n"
             "  eval RUN   recompute a run's metrics on its data\n"
             "  plot RUN   redraw a run's figures\n"
             "  report RUN write RUN/report.html: config, metrics, figures and units on one page\n"
             "  gradcheck  numerical vs analytic gradient of the classic model in float64\n"
             "  cache-activations  store a transformer layer's activations as shards\n"
+            "  lm-demo    an SAE on a byte-level GPT-2 trained on the Python standard library, spliced back in\n"
             "Run 'actsparse COMMAND --help' for the flags of a command.")
 
 

@@ -679,5 +679,5 @@ def _check_rank(rank: int, world_size: int) -> None:
 def describe_source(source: Any) -> str:
     """One line for logs from a store's ``source``."""
     if isinstance(source, Mapping):
-        return ", ".join(f"{k}={v}" for k, v in source.items() if v is not None)
+        return ", ".join(f"{k}={v}" for k, v in source.items() if v is not None and not isinstance(v, Mapping))
     return "" if source is None else str(source)
