@@ -69,6 +69,9 @@ def test_lm_demo_bad_flags(capsys):
 
     assert main(["lm-demo", "--k", "80", "--hidden", "64"]) != 0
     assert "--k (80) must be at most --hidden (64)" in capsys.readouterr().err
+    for bad in ("all", "0:", "5", "last"):
+        assert main(["lm-demo", "--positions", bad]) != 0
+        assert "--positions must be drop-first or a slice from position 1" in capsys.readouterr().err
     assert main(["lm-demo", "--lm-width", "30"]) != 0
     assert "--lm-width (30) must be a multiple of n_head (4)" in capsys.readouterr().err
 

@@ -56,6 +56,10 @@ class LMDemoConfig:
     """Passes over them."""
     batch_size: int = 1024
     """SAE minibatch."""
+    positions: str = "drop-first"
+    """Positions of each window the SAE trains on, is spliced into and is browsed at:
+    ``drop-first`` (all but the BOS), or a slice such as ``8:`` (also leave out the first bytes,
+    which have almost no context)."""
     eval_windows: int = 256
     """Held-out windows of 128 bytes the splice is scored on."""
     browser_windows: int = 512
@@ -94,6 +98,12 @@ class LMDemoConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.k > self.hidden:
             raise ValueError(f"--k ({self.k}) must be at most --hidden ({self.hidden})")
+        from ..data.activations import parse_positions
+
+        pos = parse_positions(self.positions)
+        if not (pos == "drop_first" or (isinstance(pos, slice) and (pos.start or 0) >= 1)):
+            raise ValueError(f"--positions must be drop-first or a slice from position 1 or later (position 0 is "
+                             f"the BOS), e.g. 8:, got {self.positions!r}")
         self.lm_recipe()  # its own checks (a width that 4 heads divide, a context of 2 or more)
 
     def lm_recipe(self) -> LMRecipe:
@@ -149,10 +159,12 @@ def load_lm_run(run_dir: str | Path, *, echo: Callable[[str], None] | None = Non
 def lm_downstream(model, sae, lm_info: dict[str, Any], corpus, *, progress: bool = False) -> dict[str, Any]:
     """:func:`actsparse.downstream.downstream_metrics` of ``sae`` spliced into ``lm_info["layer"]`` on
     the run's held-out windows (BOS excluded; zero ablation, mean ablation also given)."""
+    from ..data.activations import parse_positions
     from ..downstream import downstream_metrics
 
     evaluated, _ = held_out_windows(lm_info, corpus)
-    return downstream_metrics(model, lm_info["layer"], sae, _batches_of(evaluated, 32), positions="drop_first",
+    return downstream_metrics(model, lm_info["layer"], sae, _batches_of(evaluated, 32),
+                              positions=parse_positions(lm_info.get("positions", "drop_first")),
                               ablation="zero", progress=progress)
 
 
@@ -173,8 +185,8 @@ def describe_downstream(layer: str, down: dict[str, Any]) -> str:
 def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the run's metrics."""
     from ..config import TrainConfig
-    from ..data.activations import cache_activations, resolve_layer
-    from ..latent_browser import collect_latent_records, lm_latent_codes, purity, write_latent_browser
+    from ..data.activations import cache_activations, parse_positions, resolve_layer
+    from ..latent_browser import byte_token, collect_latent_records, lm_latent_codes, purity, write_latent_browser
     from ..run_files import atomic_write
     from ..runner import run_training
 
@@ -187,18 +199,19 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
     echo(f"language model: {info['bits_per_byte']:.3f} bits per byte on held-out files (a bigram byte model: "
          f"{info['bigram_bits_per_byte']:.3f}, a unigram one: {info['unigram_bits_per_byte']:.3f}, uniform: 8)")
     layer, _ = resolve_layer(model, cfg.layer)
+    positions = parse_positions(cfg.positions)
 
     # 2. the activations, once per (model, layer, tokens, seed)
     body = recipe.context - 1
     n_windows = math.ceil(cfg.tokens / body)
     store_dir = (Path(info["path"]) / "activations"
-                 / f"{layer}-{n_windows * body}-seed{cfg.seed}")
+                 / f"{layer}-{n_windows * body}-seed{cfg.seed}-{cfg.positions.replace(':', '_')}")
     source = {"checkpoint": LM_SOURCE, "recipe": info["recipe"], "inputs": f"{n_windows} random windows of "
               f"{recipe.context} bytes of the training files (seed {cfg.seed})", "context": recipe.context,
               "bos": BOS}
     echo(f"activations of {layer}: {n_windows * body} positions, cached in {store_dir}")
     cache_activations(model, layer, _training_batches(corpus.train, recipe.context, n_windows, 32, cfg.seed),
-                      store_dir, batch_size=32, positions="drop_first", source=source,
+                      store_dir, batch_size=32, positions=positions, source=source,
                       forward_kwargs={"use_cache": False}, progress=cfg.progress)
 
     # 3. the SAE, by actsparse train
@@ -211,7 +224,7 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
 
     lm_info = {"checkpoint": LM_SOURCE, "layer": layer, "recipe": info["recipe"], "text": cfg.text,
                "corpus_fingerprint": corpus.fingerprint, "eval_windows": cfg.eval_windows,
-               "browser_windows": cfg.browser_windows, "positions": "drop_first",
+               "browser_windows": cfg.browser_windows, "positions": cfg.positions,
                **{k: info[k] for k in ("bits_per_byte", "unigram_bits_per_byte", "bigram_bits_per_byte",
                                        "uniform_bits_per_byte", "corpus")}}
     atomic_write(run_dir / LM_INFO, lambda p: p.write_text(json.dumps(lm_info, indent=2) + "\n"))
@@ -223,15 +236,15 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
 
     # 5. the browser, on the next held-out windows
     records = collect_latent_records(lm_latent_codes(model, layer, sae, _batches_of(browsed, 32),
-                                                     positions="drop_first"), k=20)
+                                                     positions=positions), k=20)
     pure = purity(records, browsed)
     meta = {"model": f"byte-level GPT-2, {recipe.n_layer} layers, width {recipe.n_embd} "
                      f"({info['bits_per_byte']:.2f} bits/byte held out)",
             "layer": layer, "SAE": f"TopK, {cfg.hidden} latents, k {cfg.k}",
             "FVU": f"{result.metrics['fvu']:.4f}", "loss recovered (zero ablation)": f"{down['loss_recovered']:.4f}",
-            "held-out windows": f"{browsed.shape[0]} × {recipe.context} bytes"}
+            "held-out windows": f"{browsed.shape[0]} × {recipe.context} bytes (⊳ marks the BOS)"}
     page = write_latent_browser(records, run_dir / "latents.html", tokens=browsed, meta=meta,
-                                title=f"Latents of {layer}")
+                                title=f"Latents of {layer}", decode=lambda t: "⊳" if t == BOS else byte_token(t))
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics |= {f"lm_{k}": v for k, v in lm_info.items() if k.endswith("bits_per_byte")}
