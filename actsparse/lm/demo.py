@@ -56,10 +56,11 @@ class LMDemoConfig:
     """Passes over them."""
     batch_size: int = 1024
     """SAE minibatch."""
-    positions: str = "drop-first"
-    """Positions of each window the SAE trains on, is spliced into and is browsed at:
-    ``drop-first`` (all but the BOS), or a slice such as ``8:`` (also leave out the first bytes,
-    which have almost no context)."""
+    positions: str = "8:"
+    """Positions of each window the SAE trains on, is spliced into and is browsed at: ``8:``
+    leaves out the BOS and the next 7 bytes, which have almost no context (their residual stream
+    is unusual, and they would fill the browser's top contexts); ``drop-first`` leaves out the BOS
+    alone."""
     eval_windows: int = 256
     """Held-out windows of 128 bytes the splice is scored on."""
     browser_windows: int = 512
@@ -185,7 +186,7 @@ def describe_downstream(layer: str, down: dict[str, Any]) -> str:
 def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the run's metrics."""
     from ..config import TrainConfig
-    from ..data.activations import cache_activations, parse_positions, resolve_layer
+    from ..data.activations import cache_activations, parse_positions, position_mask, resolve_layer
     from ..latent_browser import byte_token, collect_latent_records, lm_latent_codes, purity, write_latent_browser
     from ..run_files import atomic_write
     from ..runner import run_training
@@ -202,14 +203,18 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
     positions = parse_positions(cfg.positions)
 
     # 2. the activations, once per (model, layer, tokens, seed)
-    body = recipe.context - 1
-    n_windows = math.ceil(cfg.tokens / body)
+    kept = position_mask(positions, (1, recipe.context))
+    per_window = recipe.context if kept is None else int(kept.sum())
+    if per_window < 1:
+        raise ValueError(f"--positions {cfg.positions} keeps no position of a window of --context {recipe.context}")
+    n_windows = math.ceil(cfg.tokens / per_window)
+    n_rows = n_windows * per_window
     store_dir = (Path(info["path"]) / "activations"
-                 / f"{layer}-{n_windows * body}-seed{cfg.seed}-{cfg.positions.replace(':', '_')}")
+                 / f"{layer}-{n_rows}-seed{cfg.seed}-{cfg.positions.replace(':', '_')}")
     source = {"checkpoint": LM_SOURCE, "recipe": info["recipe"], "inputs": f"{n_windows} random windows of "
               f"{recipe.context} bytes of the training files (seed {cfg.seed})", "context": recipe.context,
               "bos": BOS}
-    echo(f"activations of {layer}: {n_windows * body} positions, cached in {store_dir}")
+    echo(f"activations of {layer}: {n_rows} positions, cached in {store_dir}")
     cache_activations(model, layer, _training_batches(corpus.train, recipe.context, n_windows, 32, cfg.seed),
                       store_dir, batch_size=32, positions=positions, source=source,
                       forward_kwargs={"use_cache": False}, progress=cfg.progress)
