@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("tyro")
 
 SMALL = ["--lm-layers", "1", "--lm-width", "16", "--context", "16", "--lm-steps", "60", "--hidden", "64", "--k", "4",
-         "--tokens", "3000", "--epochs", "1", "--batch-size", "128", "--positions", "drop-first", "--eval-windows", "8", "--browser-windows", "16",
+         "--tokens", "3000", "--epochs", "1", "--batch-size", "128", "--positions", "drop-first",
+         "--eval-windows", "8", "--browser-windows", "16",
          "--no-progress", "--threads", "1"]
 
 
