@@ -56,11 +56,11 @@ def test_lm_demo_end_to_end(text, tmp_path, monkeypatch, capsys):
     for key in ("ce_clean", "ce_spliced", "loss_recovered", "loss_recovered_mean", "kl_clean_spliced"):
         assert ev[key] == pytest.approx(m[key], rel=1e-9, abs=1e-12), key
 
-    # again, into another run: the model and the activations come from the caches
-    assert main([*args, "--name", "again"]) == 0
+    # again: a new run folder (lm-demo-2), the model and the activations from the caches
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "loaded from" in out and "training a byte-level" not in out
-    again = json.loads((tmp_path / "runs" / "again" / "metrics.json").read_text())
+    assert "loaded from" in out and "training a byte-level" not in out and "this run is" in out
+    again = json.loads((tmp_path / "runs" / "lm-demo-2" / "metrics.json").read_text())
     assert again["lm_bits_per_byte"] == m["lm_bits_per_byte"]
     assert torch.equal(torch.tensor(again["fvu"]), torch.tensor(m["fvu"]))  # same seed, same data, same SAE
 

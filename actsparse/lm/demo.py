@@ -80,8 +80,9 @@ class LMDemoConfig:
     """Train the language model again even if it is cached."""
     out: str = "runs"
     """Folder of run folders."""
-    name: str = "lm-demo"
-    """Run folder name."""
+    name: str | None = None
+    """Run folder name (default ``lm-demo``, or the first of ``lm-demo-2``, ``lm-demo-3``... that
+    holds no run: a run never replaces another)."""
     seed: int = 0
     """Seeds the SAE and its training windows (the language model keeps its own seed, 0)."""
     overwrite: bool = False
@@ -124,6 +125,18 @@ def _training_batches(stream, context: int, n_windows: int, batch_size: int, see
     g = torch.Generator().manual_seed(seed)
     for start in range(0, n_windows, batch_size):
         yield training_windows(stream, context, min(batch_size, n_windows - start), g)
+
+
+def _free_name(out: Path, base: str, overwrite: bool) -> str:
+    """``base``, or the first of ``base-2``, ``base-3``... in ``out`` that holds no run
+    (``base`` itself with ``overwrite``)."""
+    from ..run_files import holds_run
+
+    name, i = base, 1
+    while not overwrite and holds_run(out / name):
+        i += 1
+        name = f"{base}-{i}"
+    return name
 
 
 def held_out_windows(lm_info: dict[str, Any], corpus) -> tuple[Tensor, Tensor]:
@@ -220,8 +233,11 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
                       forward_kwargs={"use_cache": False}, progress=cfg.progress)
 
     # 3. the SAE, by actsparse train
+    name = cfg.name if cfg.name is not None else _free_name(Path(cfg.out), "lm-demo", cfg.overwrite)
+    if cfg.name is None and name != "lm-demo":
+        echo(f"{Path(cfg.out) / 'lm-demo'} holds another run: this run is {Path(cfg.out) / name} (--name to choose)")
     tc = TrainConfig(data=f"shards:{store_dir}", recipe="sae", activation="topk", k=cfg.k, hidden=cfg.hidden,
-                     epochs=cfg.epochs, batch_size=cfg.batch_size, out=cfg.out, name=cfg.name, seed=cfg.seed,
+                     epochs=cfg.epochs, batch_size=cfg.batch_size, out=cfg.out, name=name, seed=cfg.seed,
                      overwrite=cfg.overwrite, threads=cfg.threads, progress=cfg.progress)
     result = run_training(tc, echo)
     run_dir = Path(result.run_dir)
