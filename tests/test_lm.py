@@ -216,6 +216,10 @@ def test_recipe_rejects_bad_values():
         LMRecipe(steps=0)
     with pytest.raises(ValueError, match="lr"):
         LMRecipe(lr=float("nan"))
+    with pytest.raises(ValueError, match="precision"):
+        LMRecipe(precision="float16")
+    assert LMRecipe().precision in ("bfloat16", "float32")  # auto is resolved, so the cache key names it
+    assert LMRecipe(precision="float32").key("c") != LMRecipe(precision="bfloat16").key("c")
 
 
 def test_module_names():

@@ -10,7 +10,9 @@ Why it is built this way:
   output embeddings), so every tool that takes a Hugging Face causal LM takes this one, and the
   same code path serves ``--model NAME``.
 * Training: AdamW (Loshchilov & Hutter 2019) with a linear warm-up and a cosine decay of the
-  learning rate, gradients clipped at norm 1 (the nanoGPT/GPT-2 recipe), on windows drawn
+  learning rate, gradients clipped at norm 1 (the nanoGPT/GPT-2 recipe), in bfloat16 autocast
+  where the CPU has bfloat16 instructions (float32 weights and optimiser; measured 2× faster per
+  step here) and in float32 elsewhere, on windows drawn
   uniformly from the training stream (:func:`~actsparse.lm.corpus.training_windows`), each led
   by BOS. The initial weights and every window come from one seed (same seed and thread count,
   same model).
@@ -49,7 +51,7 @@ __all__ = ["LMRecipe", "build_byte_gpt2", "train_byte_lm", "bits_per_byte", "nex
            "cache_root", "RECIPE_VERSION"]
 
 #: Bumped whenever training changes what a recipe produces, so cached models are retrained.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: The name the language model's metrics are saved under in its cache folder.
 INFO_NAME = "lm.json"
@@ -69,6 +71,9 @@ class LMRecipe:
         weight_decay: AdamW's decoupled decay on the matrices (default 0.1).
         seed: the initial weights and the windows (default 0).
         eval_windows: held-out windows scored (default 1,000, i.e. 127,000 predictions).
+        precision: ``"auto"`` (default: ``"bfloat16"`` autocast where the CPU has bfloat16
+            instructions, AVX512-BF16 or AMX, else ``"float32"``), ``"bfloat16"`` or ``"float32"``.
+            The cache key holds the resolved value. Scoring is always in float32.
     """
 
     n_layer: int = 2
@@ -82,6 +87,7 @@ class LMRecipe:
     weight_decay: float = 0.1
     seed: int = 0
     eval_windows: int = 1000
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "n_head", "context", "batch_size", "steps", "eval_windows"):
@@ -96,12 +102,23 @@ class LMRecipe:
             raise ValueError(f"LMRecipe.lr must be a finite number > 0, got {self.lr!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"LMRecipe.warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"LMRecipe.precision must be auto, bfloat16 or float32, got {self.precision!r}")
+        if self.precision == "auto":  # resolved at once, so the cache key says what was trained
+            object.__setattr__(self, "precision", "bfloat16" if _fast_bf16() else "float32")
 
     def key(self, corpus_fingerprint: str) -> str:
         """The cache key: a hash of every field, the corpus and :data:`RECIPE_VERSION`."""
         blob = json.dumps({"recipe": dataclasses.asdict(self), "corpus": corpus_fingerprint,
                            "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fast_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX): without them a bfloat16
+    matmul is emulated and slower than float32."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def _transformers():
@@ -182,8 +199,9 @@ def train_byte_lm(corpus: ByteCorpus, recipe: LMRecipe = LMRecipe(), *, progress
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, recipe)
             ids = training_windows(corpus.train, recipe.context, recipe.batch_size, g)
-            logits = model(ids, use_cache=False).logits
-            s, c = next_byte_loss(logits, ids)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.precision == "bfloat16"):
+                logits = model(ids, use_cache=False).logits
+            s, c = next_byte_loss(logits, ids)  # log-softmax in float32
             loss = s / c
             opt.zero_grad(set_to_none=True)
             loss.backward()
