@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .attach import first_tensor
 from .data.activations import Positions, collect_activations, parse_positions, position_mask, resolve_layer
+from .progress import progress_bar
 
 __all__ = ["ABLATIONS", "Splice", "spliced", "downstream_metrics", "next_token_ce"]
 
@@ -365,24 +366,6 @@ def _sae_replace(sae: Callable[[Tensor], Any], name: str) -> Callable[[Tensor], 
     return replace
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra: no bar
-        return _NoBar()
-    return tqdm(total=total, unit="batch", desc="downstream evaluation", dynamic_ncols=True, leave=False)
-
-
 def _recovered(ablated: float, spliced_ce: float, clean: float) -> float:
     """``(CE_ablated − CE_spliced) / (CE_ablated − CE_clean)``; NaN when the ablation costs
     nothing (the denominator is 0)."""
@@ -474,7 +457,7 @@ def downstream_metrics(
     device = _device(model)
     modules = [*model.modules(), *(sae.modules() if isinstance(sae, nn.Module) else ())]
     modes = [(m, m.training) for m in modules]
-    bar = _progress_bar(progress, len(items))
+    bar = progress_bar(progress, len(items), desc="downstream evaluation", unit="batch")
     try:
         model.eval()
         if isinstance(sae, nn.Module):

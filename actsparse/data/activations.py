@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..attach import find_targets, first_tensor
 from ..config import install_hint
+from ..progress import progress_bar
 from ._limits import MissingDependency, one_line
 from .shards import INDEX_NAME, ShardStore, ShardWriter, check_store_dir
 
@@ -500,25 +501,6 @@ def _describe_positions(positions: Positions) -> str:
     return str(positions)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int | None, initial: int):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra: no bar
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="rows", unit_scale=True, desc="caching activations",
-                dynamic_ncols=True, leave=False)
-
-
 def cache_activations(
     model: nn.Module,
     layer: str | nn.Module | type,
@@ -573,7 +555,8 @@ def cache_activations(
     if writer.complete:
         return ShardStore(out_dir)
     start, offset = (writer.resume["batch"], writer.resume["row"]) if writer.resume else (0, 0)
-    bar = _progress_bar(progress, max_rows, writer.rows)
+    bar = progress_bar(progress, max_rows, desc="caching activations", unit="rows", initial=writer.rows,
+                       unit_scale=True)
     try:
         with writer:
             stream = collect_activations(model, layer, inputs, batch_size=batch_size, positions=positions,

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..data._limits import MissingDependency
 from ..data.activations import HF_EXTRA
+from ..progress import progress_bar
 from .corpus import BOS, ByteCorpus, ngram_bits_per_byte, stdlib_corpus, training_windows, validation_windows
 
 __all__ = ["LMRecipe", "build_byte_gpt2", "train_byte_lm", "bits_per_byte", "next_byte_loss", "stdlib_lm",
@@ -192,7 +193,7 @@ def train_byte_lm(corpus: ByteCorpus, recipe: LMRecipe = LMRecipe(), *, progress
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(recipe.seed)
-    bar = _bar(progress, recipe.steps)
+    bar = progress_bar(progress, recipe.steps, desc="training the byte-level LM", unit="step")
     model.train()
     try:
         for step in range(recipe.steps):
@@ -207,26 +208,14 @@ def train_byte_lm(corpus: ByteCorpus, recipe: LMRecipe = LMRecipe(), *, progress
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(bits_per_byte=f"{float(loss) / math.log(2):.2f}")
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(bits_per_byte=f"{float(loss) / math.log(2):.2f}")
             if log is not None and (step % 50 == 0 or step == recipe.steps - 1):
                 log(step, float(loss))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return model.eval()
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra: no bar
-        return None
-    return tqdm(total=total, unit="step", desc="training the byte-level LM", dynamic_ncols=True, leave=False)
 
 
 def cache_root() -> Path:
