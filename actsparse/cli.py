@@ -239,7 +239,7 @@ def train_help(default: object = None) -> str:
         TrainConfig, default if default is not None else TrainConfig(), "actsparse train", _TRAIN_DESCRIPTION,
         _TRAIN_EPILOG, groups=FIELD_GROUPS, choices={"penalty": [*PENALTIES, "none"]},
         metavars={"data": "SOURCE", "out": "DIR", "name": "NAME", "config": "FILE", "tensorboard": "DIR",
-                  "device": "DEVICE"},
+                  "device": "DEVICE", "layer": "MODULE", "token_file": "FILE", "positions": "WHICH"},
         none_means=NONE_MEANS)
 
 

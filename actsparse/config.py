@@ -48,6 +48,12 @@ Optimizer = Literal["lbfgs", "adam", "sgd"]
 Whiten = Literal["none", "1/f", "zca"]
 
 
+#: ``--data model:NAME``.
+MODEL_PREFIX = "model:"
+#: What the unset settings of ``--data model:NAME`` become (``--positions``: drop-first with a BOS, else all).
+MODEL_SOURCE_DEFAULTS: dict[str, Any] = {"layer": "h.0", "tokens": 1_000_000, "context": 128, "buffer": 65_536}
+
+
 @dataclass
 class TrainConfig:
     """Train a sparse autoencoder and write config, weights, metrics and figures to ``out/name``."""
@@ -59,14 +65,39 @@ class TrainConfig:
     ``ground-truth:n_features=512,d=64,mean_active=8``), a file (.npy, .npz, .pt,
     .safetensors, .csv, MNIST IDX ``*-ubyte[.gz]`` or ``*.idx``), an image folder (``folder:DIR`` or
     a directory: patches are cut from its images), ``torchvision:NAME:ROOT`` (needs torchvision;
-    nothing is downloaded), or ``shards:DIR``, an activation store written by ``actsparse
-    cache-activations`` (streamed: it need not fit in memory)."""
+    nothing is downloaded), ``shards:DIR``, an activation store written by ``actsparse
+    cache-activations`` (streamed: it need not fit in memory), or ``model:NAME``, a model's
+    activations streamed from its forward, no cache on disk (``stdlib-lm``, the byte-level GPT-2 of
+    the standard library; ``tiny-gpt2``; a Hugging Face name or folder; see ``--layer``)."""
     samples: int = 10_000
     """Number of samples to draw (patches, image folders, synthetic)."""
     patch_size: int = 8
     """Side of the square patches."""
     whiten: Whiten = "1/f"
     """Whitening of the images before patches are cut: ``1/f``, ``zca`` (ε = 0.1) or ``none``."""
+
+    layer: str | None = None
+    """With ``--data model:NAME``: the module whose output the SAE learns, a qualified name (``h.0``,
+    ``h.0.mlp``; ``transformer.h.0`` works too) or a glob that matches one module. Default: h.0."""
+    tokens: int | None = None
+    """Positions (rows) of one epoch, from windows of ``--context`` tokens.
+    Default: 1,000,000."""
+    context: int | None = None
+    """Tokens per window, the BOS included. Default: 128."""
+    buffer: int | None = None
+    """Rows of the shuffle buffer; the activations of this many positions are
+    computed at a time and shuffled among themselves (memory: about 2 × buffer × d floats); 0 or 1:
+    no shuffle, the stream's order. Default: 65,536."""
+    token_file: str | None = None
+    """A 1-D ``.npy`` array of token ids, read in consecutive windows.
+    Default: uniformly random tokens (stdlib-lm: random windows of its training files)."""
+    bos: int | None = None
+    """The token id put first in every window (e.g. 50256 for GPT-2).
+    Default: none; 0 for stdlib-lm."""
+    positions: str | None = None
+    """The positions of each window the SAE learns: ``all``, ``last``,
+    ``drop-first`` (leave out the BOS), an integer, or a slice ``start:stop[:step]``. Default:
+    drop-first with a BOS, else all."""
 
     model: Literal["sae", "stacked"] = "sae"
     """``sae``: one hidden layer; ``stacked``: a deep autoencoder of ``--sizes``, mirrored."""
@@ -259,6 +290,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         self._resolve_recipe_defaults()
+        self._resolve_model_source()
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in out/name and --overwrite replaces it: choose one")
         positive_ints = ("samples", "patch_size", "hidden", "iterations", "epochs", "batch_size")
@@ -330,10 +362,14 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, valid))}, "
                                   f"got {getattr(self, name)!r}")
 
-    #: Fields whose default (None) is resolved from the other settings by _resolve_recipe_defaults.
+    #: The settings of ``--data model:NAME`` (None for other data).
+    MODEL_SOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("layer", "tokens", "context", "buffer", "token_file", "bos",
+                                                       "positions")
+    #: Fields whose default (None) is resolved from the other settings by _resolve_recipe_defaults
+    #: (and _resolve_model_source).
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ("weight_decay", "target", "control_rate", "decoder", "optimizer",
                                                  "penalty", "weight", "init_scale", "unit_norm_decoder", "pre_bias",
-                                                 "lr_decay", "clip_grad")
+                                                 "lr_decay", "clip_grad", *MODEL_SOURCE_FIELDS)
     #: What a recipe field holds while unresolved (None, or ``auto`` for the penalty, whose None is "no penalty").
     UNRESOLVED: ClassVar[dict[str, Any]] = {"penalty": "auto"}
 
@@ -344,7 +380,7 @@ class TrainConfig:
             return self.recipe == "sae"
         data = self.data if isinstance(self.data, str) else ""
         return self.activation in SAE_ACTIVATIONS or data == "synthetic" \
-            or data.startswith(("ground-truth", "shards:"))
+            or data.startswith(("ground-truth", "shards:", MODEL_PREFIX))
 
     def _resolve_recipe_defaults(self) -> None:
         """Fill ``weight_decay`` and ``target`` when they are None with the value of the recipe the
@@ -384,6 +420,52 @@ class TrainConfig:
             self.target = 0.1 if digits else 0.01
         if self.control_rate is None:
             self.control_rate = 0.2 if self.optimizer == "lbfgs" else 0.02
+
+    def _resolve_model_source(self) -> None:
+        """``--data model:NAME``: fill the unset settings of the stream (layer h.0, 1,000,000 positions,
+        windows of 128 tokens, a buffer of 65,536 rows, stdlib-lm's BOS 0, positions drop-first with a
+        BOS) and check them; for other data, refuse them (they would be ignored silently)."""
+        given = [n for n in self.MODEL_SOURCE_FIELDS if getattr(self, n) is not None]
+        if not self.data.startswith(MODEL_PREFIX):
+            if given:
+                flags = " and ".join(f"--{n.replace('_', '-')}" for n in given)
+                raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} to --data model:NAME (an SAE "
+                                  f"trained straight from a model's activations), not to --data {self.data}")
+            return
+        name = self.data[len(MODEL_PREFIX):]
+        if not name.strip():
+            raise ConfigError("--data model:NAME needs a NAME: stdlib-lm, tiny-gpt2, or a Hugging Face name or folder")
+        for field_name, value in MODEL_SOURCE_DEFAULTS.items():
+            if getattr(self, field_name) is None:
+                setattr(self, field_name, value)
+        if isinstance(self.token_file, os.PathLike):
+            self.token_file = os.fspath(self.token_file)
+        for field_name, low in (("tokens", 1), ("context", 1), ("buffer", 0), ("bos", 0)):
+            v = getattr(self, field_name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ConfigError(f"--{field_name} must be an integer >= {low}, got {v!r}")
+        for field_name in ("layer", "token_file", "positions"):
+            v = getattr(self, field_name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"--{field_name.replace('_', '-')} must be a non-empty string, got {v!r}")
+        if name == "stdlib-lm":
+            if self.bos is None:
+                self.bos = 0
+            elif self.bos != 0:
+                raise ConfigError(f"--bos {self.bos}: the BOS of model:stdlib-lm is byte 0 (it leads every window it "
+                                  "was trained on); leave --bos out")
+        if self.bos is not None and self.context < 2:
+            raise ConfigError(f"--context {self.context} leaves no room for a token after --bos: use 2 or more")
+        if self.positions is None:
+            self.positions = "drop-first" if self.bos is not None else "all"
+        from .data.activations import parse_positions  # here: the data layer imports this module
+
+        try:
+            parse_positions(self.positions)
+        except ValueError as err:
+            raise ConfigError(f"--positions: {err}") from None
+        if self.tokens < self.batch_size:
+            raise ConfigError(f"--tokens {self.tokens} is fewer positions than one --batch-size {self.batch_size}")
 
     def _check_target(self) -> None:
         """ρ must be a probability for the Bernoulli and frequency KLs, and > 0 for the Poisson KL
@@ -565,6 +647,8 @@ def check_run_name(name: object) -> str:
 #: The groups of ``actsparse train --help``, in order; every field of :class:`TrainConfig` is in one.
 FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("data", "samples", "patch_size", "whiten"),
+    "model activations (--data model:NAME)": ("layer", "tokens", "context", "buffer", "token_file", "bos",
+                                              "positions"),
     "model": ("recipe", "model", "sizes", "pretrain", "hidden", "activation", "k", "decoder", "tied", "auxk",
               "auxk_coef", "dead_after", "resample_every", "matryoshka", "init_scale", "unit_norm_decoder",
               "pre_bias", "decode"),

@@ -8,16 +8,17 @@ Math lives in the model and the penalties; this module only loops, logs and save
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -46,10 +47,37 @@ from .run_files import (
     save_checkpoint,
 )
 
-__all__ = ["build_model", "resolve_device", "train", "train_step", "planned_steps", "minibatch_optimizer",
-           "parameter_groups",
+__all__ = ["build_model", "resolve_device", "train", "train_together", "TrainingStream", "train_step", "planned_steps",
+           "minibatch_optimizer", "parameter_groups",
            "pretrain_greedy", "TrainResult", "evaluate", "unit_statistics", "save_checkpoint", "load_checkpoint",
            "checkpoint_bytes", "TrainingError", "NonFiniteError", "RunInterrupted"]
+
+
+@runtime_checkable
+class TrainingStream(Protocol):
+    """Data the trainer streams instead of holding them: a
+    :class:`~actsparse.data.shards.ShardStore` (rows on disk), a
+    :class:`~actsparse.data.model_stream.ModelActivationStream` (rows from a model's forward), or
+    any object with these four members. A streamed run has no validation split; it takes
+    ``epochs × (n_rows // batch_size)`` steps and its checkpoints record the epoch and the
+    batches done in it, which ``epoch_batches(skip=...)`` must resume from."""
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of one epoch."""
+
+    @property
+    def d(self) -> int:
+        """Row width."""
+
+    def sample(self, n: int, *, seed: int = 0) -> Tensor:
+        """``(min(n, n_rows), d)`` rows for metrics and figures, the same for a seed, bounded by ``n``."""
+
+    def epoch_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                      skip: int = 0) -> Iterator[tuple[int, Tensor]]:
+        """``(b, rows)`` for each batch ``b >= skip`` of ``epoch``, an order drawn from
+        ``(seed, epoch)`` alone: this process's ``np.array_split(…, world_size)[rank]`` share of
+        the ``batch_size`` rows of global batch ``b`` (so N processes see the rows one would)."""
 
 
 _TERMS = ("loss", "reconstruction", "penalty", "weight_decay", "auxk", "aux")
@@ -177,16 +205,21 @@ def train(
 
 class _Run:
     """One call of :func:`train`, one concern per method: ``__init__`` checks the data and builds
-    the model; :meth:`resume` loads a checkpoint; :meth:`loop` runs the optimiser, calling
-    :meth:`after_step` after each step, which logs (:meth:`record`), saves (:meth:`checkpoint`)
-    and stops on a signal (:meth:`stop_if_signalled`); :meth:`rollback` goes back after a NaN;
-    :meth:`final_metrics` evaluates the result."""
+    the model; :meth:`begin` resumes (:meth:`resume` loads a checkpoint); :meth:`steps` yields
+    the optimiser's steps (:meth:`loop`), calling :meth:`after_step` after each step, which logs
+    (:meth:`record`), saves (:meth:`checkpoint`) and stops on a signal (:meth:`stop_if_signalled`);
+    :meth:`rollback` goes back after a NaN; :meth:`result` evaluates the result
+    (:meth:`final_metrics`). :meth:`run` does it all; :func:`train_together` interleaves the
+    steps of several runs."""
 
     def __init__(self, cfg: TrainConfig, x, run_dir: Path | None, model: torch.nn.Module | None,
                  on_step: Callable[[dict[str, float]], None] | None) -> None:
         self.cfg, self.on_step = cfg, on_step
         self.rank, self.world_size = world()
-        self.streaming = streaming = not isinstance(x, Tensor)  # a ShardStore: read in minibatches, never whole
+        self.streaming = streaming = not isinstance(x, Tensor)  # read in minibatches, never whole
+        if streaming and not isinstance(x, TrainingStream):
+            raise TypeError(f"train() takes a (samples, features) tensor or a TrainingStream (a ShardStore, a "
+                            f"ModelActivationStream: n_rows, d, sample(), epoch_batches()), got {type(x).__name__}")
         self._check_data(x)
         self.d_in = int(x.d) if streaming else x.shape[1]
         self.device = resolve_device(cfg.device)
@@ -237,8 +270,8 @@ class _Run:
         cfg = self.cfg
         if self.streaming:
             if cfg.optimizer == "lbfgs":
-                raise ValueError("L-BFGS is full-batch: a streamed activation store trains with --optimizer adam "
-                                 "or sgd")
+                raise ValueError("L-BFGS is full-batch: streamed activations (a shard store, a model) train with "
+                                 "--optimizer adam or sgd")
         else:
             if x.dim() != 2 or x.shape[0] < 2:
                 raise ValueError(f"training data must be (samples, features) with at least 2 samples, "
@@ -392,13 +425,11 @@ class _Run:
         self.stop_if_signalled(step, opt, extra, log_now)
 
     # ---------------------------------------------------------------- the loops
-    def loop(self, state: dict[str, Any] | None) -> None:
-        if self.cfg.optimizer == "lbfgs":
-            self._loop_lbfgs(state)
-        else:
-            self._loop_minibatch(state)
+    def loop(self, state: dict[str, Any] | None) -> Iterator[int]:
+        """The optimiser's steps from ``state`` (None: the first), yielding each step's number once it is done."""
+        return self._loop_lbfgs(state) if self.cfg.optimizer == "lbfgs" else self._loop_minibatch(state)
 
-    def _loop_lbfgs(self, state: dict[str, Any] | None) -> None:
+    def _loop_lbfgs(self, state: dict[str, Any] | None) -> Iterator[int]:
         # actsparse.lbfgs: one iteration per step (logged after each), one evaluation per iteration,
         # 100 stored pairs (minFunc's default, the CS294A exercise's optimiser), strong-Wolfe steps.
         model, x = self.model, self.x_train
@@ -421,8 +452,9 @@ class _Run:
                     c.step(opt.aux.code if len(self.controllers) == 1 else None)
                 opt.objective_changed()
             self.after_step(it, opt.aux, x, opt, {}, True)  # opt.aux: the output at the accepted point
+            yield it
 
-    def _loop_minibatch(self, state: dict[str, Any] | None) -> None:
+    def _loop_minibatch(self, state: dict[str, Any] | None) -> Iterator[int]:
         cfg, model, g = self.cfg, self.model, self.g
         lr = cfg.lr * self.lr_scale
         opt = minibatch_optimizer(cfg.optimizer, parameter_groups(model, lr), lr)
@@ -453,10 +485,19 @@ class _Run:
                         (cfg.seed * 1_000_003 + step) % 2**63))
                 self.after_step(step, out, xb, opt, {"epoch": epoch, "batch": b + 1, "g_epoch": g_epoch},
                                 step % 10 == 0 or step == self.total)
+                yield step
 
     # ---------------------------------------------------------------- the whole run
     def run(self, on_start: Callable[[torch.nn.Module], None] | None) -> TrainResult:
-        cfg = self.cfg
+        state = self.begin(on_start)
+        with self.signals:
+            for _ in self.steps(state):
+                pass
+        return self.result()
+
+    def begin(self, on_start: Callable[[torch.nn.Module], None] | None) -> dict[str, Any] | None:
+        """Before the first step: resume, wrap the model for DDP, call ``on_start``, rewind the
+        log. Returns the state to continue from (None: a fresh run)."""
         state = self.resume()
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -467,18 +508,27 @@ class _Run:
         if on_start is not None:
             on_start(self.model)
         self.log.rewind(state["step"] if state else 0)
+        return state
+
+    def steps(self, state: dict[str, Any] | None) -> Iterator[int]:
+        """The run's steps from ``state``, rolling back after a NaN if the config says so, yielding
+        each step's number once it is done (logged, checkpointed); the log is closed when the
+        generator ends, however it ends. The caller holds :attr:`signals` around it."""
         try:
-            with self.signals:
-                while True:
-                    try:
-                        self.loop(state)
-                        break
-                    except NonFiniteError as err:
-                        state = self.rollback(err)
+            while True:
+                try:
+                    yield from self.loop(state)
+                    return
+                except NonFiniteError as err:
+                    state = self.rollback(err)
         finally:
             self.log.close()
             if self.world_size > 1:  # from here on each rank works alone (rank 0 evaluates)
                 local_batch_statistics(self.model)
+
+    def result(self) -> TrainResult:
+        """After the last step: the final metrics, and the weights saved if no checkpoint did."""
+        cfg = self.cfg
         history = self.log.records
         final = self.final_metrics(history)
         if self.writer is not None and not (self.writer / "model.safetensors").is_file():
@@ -505,6 +555,57 @@ class _Run:
                 val = evaluate(self.model, self.x_val)
                 final |= {"val_reconstruction": val["reconstruction"], "val_fvu": val["fvu"]}
         return final
+
+
+def train_together(cfgs: Sequence[TrainConfig], xs: Sequence[Any], *, run_dirs: Sequence[Path | None] | None = None,
+                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[TrainResult]:
+    """Several runs of :func:`train` in lockstep: step s of every run, then step s + 1 of every
+    run... Each run is what :func:`train` of ``cfgs[i]`` on ``xs[i]`` (into ``run_dirs[i]``) gives,
+    to the bit: only the order of the steps between runs changes. What it is for: streams that share
+    their source read each part of it once, e.g. the layers of one model pass
+    (:meth:`~actsparse.data.model_stream.ModelActivationStream.for_layers`: one forward per block
+    serves every layer's SAE).
+
+    ``on_step(i, record)`` is called with each logged record of run ``i``. A signal (SIGINT,
+    SIGTERM, SIGHUP) stops every run after its step and checkpoints it there (:func:`train`'s
+    rule); the :class:`RunInterrupted` of the first run is raised once all have stopped. Any other
+    error stops them all, each keeping its last checkpoint.
+
+    Returns:
+        One :class:`TrainResult` per run, in order.
+    """
+    if len(cfgs) != len(xs) or (run_dirs is not None and len(run_dirs) != len(cfgs)):
+        raise ValueError(f"train_together() takes as many data sources (and run folders) as configs, got {len(cfgs)} "
+                         f"configs, {len(xs)} sources{'' if run_dirs is None else f', {len(run_dirs)} folders'}")
+    dirs = list(run_dirs) if run_dirs is not None else [None] * len(cfgs)
+
+    def reporter(i: int):
+        return None if on_step is None else (lambda rec: on_step(i, rec))
+
+    runs = [_Run(cfg, x, d, None, reporter(i)) for i, (cfg, x, d) in enumerate(zip(cfgs, xs, dirs))]
+    signals = StopSignals()  # one handler: every run sees the signal, and each stops after its own step
+    for r in runs:
+        r.signals = signals
+    stopped: RunInterrupted | None = None
+    with contextlib.ExitStack() as stack:
+        states = []
+        for r in runs:
+            states.append(r.begin(None))
+            stack.callback(r.log.close)  # also if a later run cannot begin
+        with signals:
+            active = [stack.enter_context(contextlib.closing(r.steps(s))) for r, s in zip(runs, states)]
+            while active:
+                for gen in list(active):
+                    try:
+                        next(gen)
+                    except StopIteration:
+                        active.remove(gen)
+                    except RunInterrupted as err:  # checkpointed: the others stop at their next step
+                        stopped = stopped or err
+                        active.remove(gen)
+    if stopped is not None:
+        raise stopped
+    return [r.result() for r in runs]
 
 
 def pretrain_greedy(stack, x: Tensor, cfg: TrainConfig) -> list[TrainResult]:
@@ -610,24 +711,22 @@ def planned_steps(cfg: TrainConfig, x) -> int:
         n_train = x.shape[0] - int(round(cfg.validation * x.shape[0]))
         return cfg.epochs * math.ceil(n_train / cfg.batch_size)
     if x.n_rows < cfg.batch_size:
-        raise ValueError(f"the store has {x.n_rows} rows: fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"the streamed data have {x.n_rows} rows: fewer than one batch of {cfg.batch_size}")
     return cfg.epochs * (x.n_rows // cfg.batch_size)
 
 
 def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: int, world_size: int,
                    device: torch.device, skip: int = 0):
     """This rank's minibatches of one epoch. ``--batch-size`` is the global batch, drawn the same way
-    on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a streamed store) and split
-    into ``world_size`` near-equal parts: N processes see exactly the samples one process would,
-    and each reads only its own part. The first ``skip`` batches (done before a resume) are drawn but
-    are not read. Yields ``(batch index, batch)``."""
+    on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a :class:`TrainingStream`) and
+    split into ``world_size`` near-equal parts: N processes see exactly the samples one process
+    would, and each reads only its own part. The first ``skip`` batches (done before a resume) are
+    not read (a stream skips them without making them). Yields ``(batch index, batch)``."""
     if isinstance(x, Tensor):
         for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
             if b >= skip:
                 yield b, x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
     else:
-        import numpy as np
-
-        for b, ids in enumerate(x.global_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch)):
-            if b >= skip:
-                yield b, x.read_rows(np.array_split(ids, world_size)[rank]).to(device, non_blocking=True)
+        for b, xb in x.epoch_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
+                                     skip=skip):
+            yield b, xb.to(device, non_blocking=True)

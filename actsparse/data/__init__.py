@@ -19,7 +19,10 @@
   :meth:`GroundTruth.save <actsparse.data.ground_truth.GroundTruth.save>` writes) comes with its
   true features (and codes);
 * ``shards:DIR`` — a finished activation store (:mod:`actsparse.data.shards`, written by
-  ``actsparse cache-activations``); training streams it in minibatches (``x`` is a sample).
+  ``actsparse cache-activations``); training streams it in minibatches (``x`` is a sample);
+* ``model:NAME`` — one layer's activations streamed from a model's forward, with no cache on disk
+  (:mod:`actsparse.data.model_stream`; ``cfg.layer``, ``tokens``, ``context``, ``buffer``,
+  ``token_file``, ``bos``, ``positions``); ``x`` is a sample.
 
 Sources with image samples (digits, IDX images, torchvision grey images, patches) set
 ``Dataset.image_shape`` so that figures show the filters as tiles.
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import MODEL_PREFIX
 from ._limits import MAX_BYTES_ENV, MissingDependency, one_line
 from .ground_truth import GroundTruth, load_true_features, truth_paths
 from .idx import is_idx_path, load_idx, read_idx
@@ -82,9 +86,11 @@ class Dataset:
         truth: the :class:`~actsparse.data.ground_truth.GroundTruth` that drew ``x``
             (``ground-truth`` data): fresh held-out samples with their codes, for F1.
         true_codes: ``(samples, n)`` the true codes of ``x`` (a ``.npy`` saved with its codes).
-        stream: for a source too large for memory (``shards:DIR``), the
-            :class:`~actsparse.data.shards.ShardStore` that training reads in minibatches; ``x``
-            is then a sample of ``STREAM_SAMPLE`` rows of it.
+        stream: for a source too large for memory (``shards:DIR``, ``model:NAME``), the
+            :class:`~actsparse.train.TrainingStream` that training reads in minibatches (a
+            :class:`~actsparse.data.shards.ShardStore`, a
+            :class:`~actsparse.data.model_stream.ModelActivationStream`); ``x`` is then a sample of
+            ``STREAM_SAMPLE`` rows of it.
         value_range: ``(lo, hi)``, the smallest and largest value of ``x`` (set by
             :func:`load_data`; for a streamed store, of its sample). A sigmoid decoder outputs
             (0, 1), so it can only reconstruct data with ``0 <= lo`` and ``hi <= 1``
@@ -342,6 +348,11 @@ def load_data(cfg) -> Dataset:
         ds = Dataset(store.sample(STREAM_SAMPLE, seed=cfg.seed),
                      f"{store.n_rows} rows (d={store.d}) of the shard store {store.directory}"
                      + (f" ({about})" if about else "") + ", streamed", stream=store)
+    elif kind.startswith(MODEL_PREFIX):
+        from .model_stream import stream_from_config
+
+        stream = stream_from_config(cfg)  # training streams it; x is a sample for metrics and figures
+        ds = Dataset(stream.sample(STREAM_SAMPLE, seed=cfg.seed), stream.description, stream=stream)
     elif kind.startswith(FOLDER_PREFIX) or (kind and Path(kind).is_dir()):
         folder = kind[len(FOLDER_PREFIX):] if kind.startswith(FOLDER_PREFIX) else kind
         if not folder:

@@ -566,6 +566,16 @@ class ShardStore:
         if carry.size and not drop_last:
             yield carry
 
+    def epoch_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                      skip: int = 0) -> Iterator[tuple[int, Tensor]]:
+        """``(b, rows)`` for each whole batch ``b >= skip`` of one epoch of :meth:`global_batches`:
+        this process's ``np.array_split(ids, world_size)[rank]`` share of global batch ``b``, read
+        with :meth:`read_rows` (what :func:`actsparse.train.train` streams; the batches before
+        ``skip``, done before a resume, are drawn but not read)."""
+        for b, ids in enumerate(self.global_batches(batch_size, seed=seed, epoch=epoch)):
+            if b >= skip:
+                yield b, self.read_rows(np.array_split(ids, world_size)[rank])
+
     # ------------------------------------------------------------ epochs
     def rows_for_rank(self, rank: int = 0, world_size: int = 1, *, even: bool = False) -> int:
         """Rows that ``rank`` reads per epoch: ``n_rows // world_size``, plus one for the first
