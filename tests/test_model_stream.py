@@ -271,6 +271,28 @@ def test_bad_settings_are_one_line_errors(capsys, monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*/config.json"))  # nothing ran
 
 
+def test_a_hugging_face_folder_with_an_lm_head_trains(tmp_path, capsys, monkeypatch):
+    """``model:FOLDER``: a ``GPT2LMHeadModel`` saved with ``save_pretrained`` (built from a config:
+    nothing downloaded) is loaded, ``h.1`` finds its ``transformer.h.1`` block, and a TopK SAE
+    trains on its activations for the planned steps (FVU below 1 at L0 4)."""
+    import transformers
+
+    from actsparse.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+    args = ["train", "--data", f"model:{tmp_path / 'lm'}", "--layer", "h.1", "--context", "16", "--tokens", "3000",
+            "--activation", "topk", "--k", "4", "--hidden", "64", "--epochs", "2", "--batch-size", "100",
+            "--no-plots", "--no-progress", "--threads", "1", "--out", str(tmp_path / "runs")]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "h.1" in out and "(d=32)" in out
+    m = json.loads((tmp_path / "runs" / "sae" / "metrics.json").read_text())
+    assert m["steps"] == 60 and m["l0"] == pytest.approx(4) and 0 < m["fvu"] < 1
+
+
 def test_stdlib_lm_streams_its_training_windows(tmp_path, monkeypatch):
     """``model:stdlib-lm``: the byte-level LM (here a tiny recipe on a small folder), hooked at
     ``h.0`` (its ``transformer.h.0``), over random windows of its training files led by BOS 0,
