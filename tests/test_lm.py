@@ -197,6 +197,21 @@ def test_cache_trains_once_and_survives_damage(root, tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m3.state_dict().values()))
 
 
+def test_an_unwritable_cache_fails_before_training(root, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from actsparse.lm import byte_lm
+
+    def refuse(*a, **k):
+        raise AssertionError("trained before checking the cache folder")
+
+    monkeypatch.setattr(byte_lm, "train_byte_lm", refuse)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="ACTSPARSE_CACHE"):
+        byte_lm.stdlib_lm(byte_lm.LMRecipe(**TINY), corpus=stdlib_corpus(root, validation=0.3), cache_dir=blocker,
+                          progress=False)
+
+
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     from actsparse.lm.byte_lm import cache_root
 

@@ -210,9 +210,9 @@ def train_byte_lm(corpus: ByteCorpus, recipe: LMRecipe = LMRecipe(), *, progress
             opt.step()
             bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(bits_per_byte=f"{float(loss) / math.log(2):.2f}")
+                bar.set_postfix(bits_per_byte=f"{loss.item() / math.log(2):.2f}")
             if log is not None and (step % 50 == 0 or step == recipe.steps - 1):
-                log(step, float(loss))
+                log(step, loss.item())
     finally:
         bar.close()
     return model.eval()
@@ -254,6 +254,18 @@ def _save(model: nn.Module, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written in it, else a one-line ``PermissionError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write the language model's cache in {folder} ({err.strerror or err}): set "
+                              "ACTSPARSE_CACHE to a writable folder") from err
+
+
 def stdlib_lm(recipe: LMRecipe = LMRecipe(), *, corpus: ByteCorpus | None = None, cache_dir: str | Path | None = None,
               retrain: bool = False, progress: bool = True, echo: Callable[[str], None] | None = None
               ) -> tuple[nn.Module, dict[str, Any]]:
@@ -283,6 +295,7 @@ def stdlib_lm(recipe: LMRecipe = LMRecipe(), *, corpus: ByteCorpus | None = None
         if cached is not None:
             say(f"language model: loaded from {folder}")
             return cached[0], {**cached[1], "path": str(folder)}
+    _check_writable(folder.parent)  # before minutes of training, not after
     say(f"language model: training a byte-level GPT-2 ({recipe.n_layer} layers, width {recipe.n_embd}, context "
         f"{recipe.context}, {recipe.steps} steps) on the {corpus.describe()}; it is cached in {folder}")
     start = time.perf_counter()
