@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -22,3 +24,16 @@ def _one_thread_for_the_suite():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_folder(tmp_path_factory):
+    """actsparse's cache (the GEMM choice, language models) in a folder of the test session, not the
+    user's ``~/.cache/actsparse``; subprocesses inherit it. A test may set its own."""
+    before = os.environ.get("ACTSPARSE_CACHE")
+    os.environ["ACTSPARSE_CACHE"] = str(tmp_path_factory.mktemp("actsparse-cache"))
+    yield
+    if before is None:
+        os.environ.pop("ACTSPARSE_CACHE", None)
+    else:
+        os.environ["ACTSPARSE_CACHE"] = before

@@ -1,0 +1,155 @@
+"""The fastest exact float32 GEMM for ``x Wᵀ + b`` without a graph, chosen by measurement.
+
+On some CPUs torch's default float32 matmul is far from the machine's best. On the 2-core AMD
+EPYC (Zen 5) this project is measured on, ``F.linear`` runs at 140–205 GFLOP/s (an AVX2 kernel),
+and oneDNN's (``torch.ops.mkldnn._linear_pointwise``, AVX-512) at 320–420 GFLOP/s, for the same
+float32 product. Both are float32 GEMMs: they differ only in the order of the sums (rounding).
+
+A TopK SAE's encoder forward is that product, and on the sparse TopK path it needs no graph (its
+gradient is sparse: :mod:`actsparse.models.sparse_topk`), so :func:`linear` can take the faster
+kernel there. Which one is faster is measured, not assumed from the CPU's name:
+
+* :func:`choose` times both on the call's shape (the batch rounded up to a power of two),
+  interleaved, the median of 5 each, and takes oneDNN only if it is at least 10 % faster;
+* the choice is kept per process and in ``<cache>/gemm.json`` (see
+  :func:`actsparse.lm.byte_lm.cache_root`), under a file lock, keyed by torch's version, the CPU's
+  capability, the thread count and the shape. Every later process on the machine, a resumed run
+  included, makes the same choice, so resuming stays bit-identical;
+* ``ACTSPARSE_GEMM=default`` or ``=onednn`` overrides the choice; ``default`` is also used for
+  anything but contiguous-able float32 CPU tensors, and whenever a gradient is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["linear", "choose", "PATHS", "onednn_available", "decisions"]
+
+#: The GEMM paths: torch's ``F.linear``, and oneDNN's float32 linear.
+PATHS = ("default", "onednn")
+
+#: oneDNN must beat the default by this factor to be chosen (a tie keeps the default).
+MIN_GAIN = 1.1
+
+_memo: dict[str, str] = {}
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear op and oneDNN is usable."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _run(path: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return _onednn(x, w, b) if path == "onednn" else F.linear(x, w, b)
+
+
+def _key(batch: int, d_in: int, d_out: int) -> str:
+    bucket = 1 << max(6, (batch - 1).bit_length())  # 64, 128, ... : the last, shorter batch shares its key
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}|{cap}|threads {torch.get_num_threads()}|{bucket}x{d_in}->{d_out}"
+
+
+def _measure(batch: int, d_in: int, d_out: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of each path on random float32 data of that shape, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((batch, d_in), (d_out, d_in), (d_out,)))
+    times: dict[str, list[float]] = {p: [] for p in PATHS}
+    with torch.no_grad():
+        for p in PATHS:  # warm-up: the first oneDNN call creates its primitive
+            _run(p, x, w, b)
+        for _ in range(repeats):
+            for p in PATHS:
+                t = time.perf_counter()
+                _run(p, x, w, b)
+                times[p].append(time.perf_counter() - t)
+    return {p: statistics.median(v) for p, v in times.items()}
+
+
+def _cache_file() -> Path:
+    from .lm.byte_lm import cache_root
+
+    return cache_root() / "gemm.json"
+
+
+def _decide(key: str, batch: int, d_in: int, d_out: int) -> str:
+    """The choice stored for ``key``, or a new measurement stored under a lock."""
+    path = _cache_file()
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others then read its choice
+            try:
+                stored = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, ValueError):
+                stored = {}
+            if not isinstance(stored, dict):
+                stored = {}
+            entry = stored.get(key)
+            if isinstance(entry, dict) and entry.get("path") in PATHS:
+                return entry["path"]
+            t = _measure(batch, d_in, d_out)
+            choice = "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
+            stored[key] = {"path": choice, "seconds": t}
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+            return choice
+    except (OSError, ImportError):  # no writable cache (or no fcntl): measure, keep it for this process
+        t = _measure(batch, d_in, d_out)
+        return "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
+
+
+def choose(batch: int, d_in: int, d_out: int) -> str:
+    """The float32 CPU GEMM path for ``(batch, d_in) @ (d_out, d_in)ᵀ``: ``ACTSPARSE_GEMM`` if set,
+    else the measured choice (module docstring)."""
+    forced = os.environ.get("ACTSPARSE_GEMM", "").strip().lower()
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"ACTSPARSE_GEMM must be one of {', '.join(PATHS)}, got {forced!r}")
+        return forced if forced == "default" or onednn_available() else "default"
+    if not onednn_available():
+        return "default"
+    key = _key(batch, d_in, d_out)
+    if key not in _memo:
+        _memo[key] = _decide(key, batch, d_in, d_out)
+    return _memo[key]
+
+
+def decisions() -> dict[str, str]:
+    """The choices made in this process so far, by key (for logs and benchmarks)."""
+    return dict(_memo)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where that was measured faster.
+
+    Args:
+        x: ``(batch, d_in)``; weight: ``(d_out, d_in)``; bias: ``(d_out,)`` or None.
+
+    Returns:
+        ``(batch, d_out)``, equal to ``F.linear`` to float32 rounding. A product that needs a
+        gradient, or that is not float32 2-D on the CPU, always goes through ``F.linear``.
+    """
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad))
+    if (needs_graph or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+            or x.shape[0] == 0):
+        return F.linear(x, weight, bias)
+    if choose(x.shape[0], x.shape[1], weight.shape[0]) == "onednn":
+        return _onednn(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
+    return F.linear(x, weight, bias)

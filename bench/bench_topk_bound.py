@@ -1,0 +1,134 @@
+"""The TopK SAE training step against this CPU's bound: the encoder GEMM on the fastest float32
+path plus the fused Adam pass, timed in the same run, interleaved.
+
+    python bench/bench_topk_bound.py            # batch 512 and 4096, 1 and 2 threads
+    python bench/bench_topk_bound.py --smoke
+
+What is timed (d_in 512, d_sae 8192, k 32: the setting of docs/benchmarks.md §5), per thread count
+and batch:
+
+* ``step``: ``actsparse.train.train_step`` of the TopK SAE (sparse path, fused Adam), with the
+  encoder GEMM the library chooses (``actsparse.gemm``: measured, cached per machine);
+* ``step_default_gemm``: the same with ``ACTSPARSE_GEMM=default`` (torch's ``F.linear``), i.e.
+  the step before the GEMM choice existed;
+* ``gemm_default`` and ``gemm_onednn``: ``x W_encᵀ + b`` alone on each path;
+* ``adam``: the fused Adam step alone over the SAE's 8.4 M parameters (gradients present).
+
+The bound is ``min(gemm_default, gemm_onednn) + adam``: the unavoidable parts of a step. The
+step's fraction of the bound is ``bound / step`` (1 = nothing but the bound). Also reported: the
+FVU on held-out rows after the same steps with each GEMM path, from the same initial weights.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import interleaved, parse_args, summary, topk_sae, write_result  # noqa: E402
+
+from actsparse import gemm  # noqa: E402
+from actsparse.data import make_synthetic  # noqa: E402
+from actsparse.train import train_step  # noqa: E402
+
+
+def with_gemm(path: str | None, fn):
+    """``fn`` run with ``ACTSPARSE_GEMM`` set to ``path`` (None: the measured choice)."""
+    def run():
+        old = os.environ.pop("ACTSPARSE_GEMM", None)
+        if path is not None:
+            os.environ["ACTSPARSE_GEMM"] = path
+        try:
+            return fn()
+        finally:
+            os.environ.pop("ACTSPARSE_GEMM", None)
+            if old is not None:
+                os.environ["ACTSPARSE_GEMM"] = old
+    return run
+
+
+class Stepper:
+    """``train_step`` of a fresh TopK SAE (seed 0, fused Adam) over the batches of ``pool``, cycling."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, pool: torch.Tensor, lr: float = 1e-3) -> None:
+        self.model = topk_sae(d_in, d_sae, k, "sparse", seed=0)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, fused=True)
+        self.pool, self.steps = pool, 0
+
+    def __call__(self) -> None:
+        train_step(self.model, self.opt, self.pool[self.steps % len(self.pool)])
+        self.steps += 1
+
+
+def fvu(model, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        xh = model(x).reconstruction
+    return float((x - xh).square().sum() / (x - x.mean(0)).square().sum())
+
+
+def one_setting(d_in: int, d_sae: int, k: int, batch: int, rounds: int, min_seconds: float, n_batches: int):
+    x = make_synthetic(batch * n_batches + 4096, d=d_in, n_features=16384, active=32.0, seed=0).x
+    pool, held = x[:batch * n_batches].reshape(n_batches, batch, d_in), x[batch * n_batches:]
+    chosen, default = Stepper(d_in, d_sae, k, pool), Stepper(d_in, d_sae, k, pool)
+    g = torch.Generator().manual_seed(1)
+    xs, w, b = torch.randn(batch, d_in, generator=g), torch.randn(d_sae, d_in, generator=g), torch.randn(d_sae)
+    adam_model = topk_sae(d_in, d_sae, k, "sparse", seed=0)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3, fused=True)
+    for p in adam_model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    fns = {
+        "step": with_gemm(None, chosen),
+        "step_default_gemm": with_gemm("default", default),
+        "gemm_default": lambda: torch.nn.functional.linear(xs, w, b),
+        "adam": adam.step,
+    }
+    if gemm.onednn_available():
+        fns["gemm_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(xs, w, b, "none", [], "")
+    times = interleaved(fns, rounds=rounds, min_seconds=min_seconds)
+    path = gemm.choose(batch, d_in, d_sae)
+    gemm_best = min(statistics.median(times[n]) for n in ("gemm_default", "gemm_onednn") if n in times)
+    bound = gemm_best + statistics.median(times["adam"])
+    out = {
+        "batch": batch, "gemm_path": path, "seconds": {n: summary(v) for n, v in times.items()},
+        "samples_per_second": {n: batch / statistics.median(times[n]) for n in ("step", "step_default_gemm")},
+        "bound_seconds": bound, "bound_samples_per_second": batch / bound,
+        "fraction_of_bound": {n: bound / statistics.median(times[n]) for n in ("step", "step_default_gemm")},
+        "speedup_over_default_gemm": statistics.median(
+            [a / b for a, b in zip(times["step_default_gemm"], times["step"])]),
+        "gemm_gflops": {n: 2 * batch * d_in * d_sae / statistics.median(times[n]) / 1e9
+                        for n in ("gemm_default", "gemm_onednn") if n in times},
+    }
+    # from the same initial weights: the FVU on held-out rows after each one's steps (the step
+    # counts differ: each ran as many steps as its rounds took)
+    out["fvu_after_steps"] = {"chosen": {"steps": chosen.steps, "fvu": fvu(chosen.model, held)},
+                              "default_gemm": {"steps": default.steps, "fvu": fvu(default.model, held)}}
+    return out
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], batches=dict(type=int, nargs="+", default=None))
+    d_in, d_sae, k = (64, 1024, 8) if args.smoke else (512, 8192, 32)
+    batches = args.batches or ([64] if args.smoke else [512, 4096])
+    thread_counts = [torch.get_num_threads()] if args.smoke or args.threads else [1, 2]
+    results = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for batch in batches:
+            r = one_setting(d_in, d_sae, k, batch, args.rounds, 0.05 if args.smoke else 0.4, 4 if args.smoke else 8)
+            r["threads"] = threads
+            results.append(r)
+            print(f"threads {threads} batch {batch}: step {r['samples_per_second']['step']:.0f} samples/s "
+                  f"({r['gemm_path']} GEMM), default GEMM {r['samples_per_second']['step_default_gemm']:.0f}; "
+                  f"bound {r['bound_samples_per_second']:.0f}: fraction {r['fraction_of_bound']['step']:.2f} "
+                  f"(was {r['fraction_of_bound']['step_default_gemm']:.2f}); GEMM GFLOP/s {r['gemm_gflops']}",
+                  flush=True)
+    write_result("topk_bound", {"d_in": d_in, "d_sae": d_sae, "k": k, "gemm_decisions": gemm.decisions(),
+                                "results": results}, args)
+
+
+if __name__ == "__main__":
+    main()
