@@ -17,9 +17,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import gemm
 from ..penalties import Penalty
 from .activations import BatchTopK, Gated, JumpReLU, KSparse, TopK, activation_key, get_activation
-from .. import gemm
 from .sparse_topk import SparseCode, gathered_linear, sparse_decode
 
 __all__ = ["ForwardOutput", "SparseAutoencoder", "check_input", "reconstruction_loss", "squared_error"]
