@@ -21,6 +21,7 @@ SCRIPTS = {  # script -> result stem and a key its JSON must have
     "bench_scaling.py": ("scaling", "crossover"),
     "bench_stream_rss.py": ("stream_rss", "loop_peak_rss_ratio"),
     "bench_ddp_scaling.py": ("ddp_scaling", "speedup_over_one_thread"),
+    "bench_topk_bound.py": ("topk_bound", "gemm_decisions"),
 }
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import gemm
 from ..penalties import Penalty
 from .activations import BatchTopK, Gated, JumpReLU, KSparse, TopK, activation_key, get_activation
-from .sparse_topk import SparseCode, gathered_linear, sparse_decode
+from .sparse_topk import SparseCode, gathered_linear, sparse_decode, topk_linear
 
 __all__ = ["ForwardOutput", "SparseAutoencoder", "check_input", "reconstruction_loss", "squared_error"]
 
@@ -385,16 +385,26 @@ class SparseAutoencoder(nn.Module):
         check_input(x, self.d_in, self.W_enc)
         x_in = self._encoder_input(x)
         gated = isinstance(self.activation, Gated)
-        # the sparse path needs every pre-activation for the top-k, but no graph: its gradient is sparse
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
-            if gated:  # the gate π_gate = W_enc x' + b_enc, and W_enc x' for the magnitude path
-                wx = nn.functional.linear(x_in, self.W_enc)
-                pre = wx + self.b_enc
-            else:
-                pre = self._pre(x_in)
+        auxk = self.auxk and self.training
+        if self.sparse and not auxk:
+            # the top-k of the pre-activations, a chunk of rows at a time: the (batch, d_hidden)
+            # matrix is never built (AuxK needs all of it, so it takes the path below)
+            values, idx = topk_linear(x_in, self.W_enc, self.b_enc, self.activation.k)
+            h = SparseCode(torch.relu(gathered_linear(x_in, self.W_enc, self.b_enc, idx, values=values)), idx,
+                           self.d_hidden)
+            pre = None
+        else:
+            # the sparse path needs every pre-activation for the top-k, but no graph: its gradient is sparse
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
+                if gated:  # the gate π_gate = W_enc x' + b_enc, and W_enc x' for the magnitude path
+                    wx = nn.functional.linear(x_in, self.W_enc)
+                    pre = wx + self.b_enc
+                else:
+                    pre = self._pre(x_in)
         if self.sparse:
-            idx = self.activation.indices(pre)
-            h = SparseCode(torch.relu(self._select(x_in, pre, idx)), idx, self.d_hidden)
+            if pre is not None:
+                idx = self.activation.indices(pre)
+                h = SparseCode(torch.relu(self._select(x_in, pre, idx)), idx, self.d_hidden)
         else:
             h = self.activation(pre, wx) if gated else self.activation(pre)
         recons = self._decode_prefixes(h)
@@ -416,7 +426,7 @@ class SparseAutoencoder(nn.Module):
             decay = 0.5 * self.weight_decay * sum(w.square().sum() for w in mats)
         if self.training:
             self._track_firing(h)
-        auxk = self._auxk_loss(x_in, pre, x, x_hat) if (self.auxk and self.training) else zero
+        auxk = self._auxk_loss(x_in, pre, x, x_hat) if auxk else zero
         return ForwardOutput(x_hat, h, recon, sparsity, decay, auxk, aux)
 
     def _decode_prefixes(self, h: Tensor | SparseCode) -> list[Tensor]:

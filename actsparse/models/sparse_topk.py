@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["SparseCode", "gathered_linear", "scatter_outer", "sparse_decode"]
+__all__ = ["SparseCode", "gathered_linear", "scatter_outer", "sparse_decode", "topk_linear", "TOPK_CHUNK"]
 
 
 class SparseCode(NamedTuple):
@@ -104,9 +104,9 @@ class _GatheredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor,  # type: ignore[override]
-                pre: Tensor) -> Tensor:
+                gathered: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight, indices)
-        return pre.gather(-1, indices)
+        return gathered.clone()  # a new tensor: the output of a Function must not alias an input
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -122,7 +122,8 @@ class _GatheredLinear(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, pre: Tensor) -> Tensor:
+def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Tensor, pre: Tensor | None = None, *,
+                    values: Tensor | None = None) -> Tensor:
     """The entries ``indices`` of the linear map ``x Wᵀ + b``, differentiable, with a sparse backward.
 
     Args:
@@ -131,12 +132,50 @@ def gathered_linear(x: Tensor, weight: Tensor, bias: Tensor | None, indices: Ten
         indices: ``(batch, k)`` int64.
         pre: ``(batch, d_sae)``, the already computed ``x Wᵀ + b`` (no graph needed): the forward
             only gathers from it.
+        values: instead of ``pre``, the entries already gathered, ``(batch, k)`` (e.g. from
+            :func:`topk_linear`).
 
     Returns:
-        ``(batch, k)``: ``pre.gather(-1, indices)``, whose gradient reaches ``x``, ``weight`` and
-        ``bias`` through the k selected units of each sample only.
+        ``(batch, k)``: ``pre.gather(-1, indices)`` (or ``values``), whose gradient reaches ``x``,
+        ``weight`` and ``bias`` through the k selected units of each sample only.
     """
-    return _GatheredLinear.apply(x, weight, bias, indices, pre.detach())
+    if (pre is None) == (values is None):
+        raise TypeError("gathered_linear() takes the pre-activations or the gathered values, one of them")
+    gathered = pre.detach().gather(-1, indices) if values is None else values.detach()
+    return _GatheredLinear.apply(x, weight, bias, indices, gathered)
+
+
+#: Rows of the pre-activation matrix :func:`topk_linear` computes at a time: 512 × 8192 float32
+#: is 16 MiB, which the allocator keeps and reuses (a whole batch of 4096 is 128 MiB, above
+#: glibc's largest mmap threshold, so it was mapped afresh and page-faulted in at every step).
+TOPK_CHUNK = 512
+
+
+@torch.no_grad()
+def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, chunk: int | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``x Wᵀ + b`` and their indices, ``chunk`` rows at
+    a time (the ``(batch, d_sae)`` matrix is never built), without a graph.
+
+    Args:
+        x: ``(batch, d_in)``; weight: ``(d_sae, d_in)``; bias: ``(d_sae,)`` or None; k ≤ d_sae.
+        chunk: rows at a time (default :data:`TOPK_CHUNK`, read at each call).
+
+    Returns:
+        ``values`` ``(batch, k)`` (x's dtype) and ``indices`` ``(batch, k)`` int64, in no particular
+        order within a row: the same sets as ``(x Wᵀ + b).topk(k, sorted=False)``. The GEMM is
+        :func:`actsparse.gemm.linear`'s (the float32 path measured fastest).
+    """
+    from ..gemm import linear
+
+    batch, chunk = x.shape[0], chunk or TOPK_CHUNK
+    values = x.new_empty(batch, k)
+    indices = torch.empty(batch, k, dtype=torch.int64, device=x.device)
+    for start in range(0, batch, chunk):
+        part = linear(x[start:start + chunk], weight, bias).topk(k, dim=-1, sorted=False)
+        values[start:start + chunk] = part.values
+        indices[start:start + chunk] = part.indices
+    return values, indices
 
 
 def sparse_decode(values: Tensor, indices: Tensor, atoms: Tensor, bias: Tensor | None = None) -> Tensor:
