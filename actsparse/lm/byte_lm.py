@@ -287,6 +287,7 @@ def stdlib_lm(recipe: LMRecipe = LMRecipe(), *, corpus: ByteCorpus | None = None
         (8), ``train_seconds``, ``corpus``, ``recipe``, ``path``.
     """
     say = echo or (lambda msg: None)
+    _transformers()  # a missing extra is said first, not after the corpus is read and training announced
     corpus = corpus if corpus is not None else stdlib_corpus()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     folder = folder / "lm" / f"stdlib-{recipe.key(corpus.fingerprint)}"
