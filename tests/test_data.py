@@ -371,3 +371,18 @@ def test_torchvision_source_with_a_stand_in(fake_torchvision, tmp_path):
         load_data(cfg(f"torchvision:MNIST:{tmp_path / 'elsewhere'}"))
     with pytest.raises(ValueError, match="no data set 'Nope'"):
         load_data(cfg(f"torchvision:Nope:{tmp_path}"))
+
+
+def test_count_not_finite_in_chunks_matches_a_whole_count():
+    """The chunked NaN/Inf count (no whole-array temporaries) against the plain count, for 1-D,
+    2-D and 3-D tensors and chunks that do not divide the rows."""
+    from actsparse.data import count_not_finite
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1000,), (1000, 7), (250, 3, 5)):
+        x = torch.randn(*shape, generator=g)
+        flat = x.view(-1)
+        flat[torch.randperm(flat.numel(), generator=g)[:37]] = float("nan")
+        flat[torch.randperm(flat.numel(), generator=g)[:11]] = float("inf")
+        assert count_not_finite(x, chunk_rows=64) == int((~torch.isfinite(x)).sum())
+    assert count_not_finite(torch.zeros(10, 3)) == 0
