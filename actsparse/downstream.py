@@ -46,7 +46,14 @@ import torch
 from torch import Tensor, nn
 
 from .attach import first_tensor
-from .data.activations import Positions, collect_activations, parse_positions, position_mask, resolve_layer
+from .data.activations import (
+    Positions,
+    _model_device,
+    collect_activations,
+    parse_positions,
+    position_mask,
+    resolve_layer,
+)
 from .progress import progress_bar
 
 __all__ = ["ABLATIONS", "Splice", "spliced", "downstream_metrics", "next_token_ce"]
@@ -286,12 +293,6 @@ def _prepare(batches: Iterable[Tensor | Mapping[str, Any]]) -> list[_Batch]:
     return out
 
 
-def _device(module: nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _to(batch: _Batch, device: torch.device) -> _Batch:
     if isinstance(batch.inputs, Tensor):
         inputs = batch.inputs.to(device)
@@ -454,7 +455,7 @@ def downstream_metrics(
         kwargs: dict[str, Any] = {"use_cache": False} if takes_cache else {}
     else:
         kwargs = dict(forward_kwargs)
-    device = _device(model)
+    device = _model_device(model)
     modules = [*model.modules(), *(sae.modules() if isinstance(sae, nn.Module) else ())]
     modes = [(m, m.training) for m in modules]
     bar = progress_bar(progress, len(items), desc="downstream evaluation", unit="batch")

@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +38,15 @@ def _own_cache_folder(tmp_path_factory):
         os.environ.pop("ACTSPARSE_CACHE", None)
     else:
         os.environ["ACTSPARSE_CACHE"] = before
+
+
+@pytest.fixture
+def chromium() -> Path:
+    """Debian's headless Chromium, for the tests that render a page; skipped where it is missing,
+    except under CI (``.ci/run`` installs it)."""
+    path = Path("/usr/bin/chromium")
+    if path.is_file():
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {path} is missing (.ci/run installs Debian's chromium)")
+    pytest.skip(f"needs {path} (apt-get install chromium)")

@@ -5,7 +5,6 @@ and rendered in headless Chromium)."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import struct
 import subprocess
@@ -25,8 +24,6 @@ from actsparse.latent_browser import (
     purity,
     write_latent_browser,
 )
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -464,14 +461,6 @@ def test_image_mode_embeds_pngs_of_the_samples(tmp_path):
 
 
 # --------------------------------------------------------------------------- in a browser
-def _chromium() -> Path:
-    if CHROMIUM.is_file():
-        return CHROMIUM
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {CHROMIUM} is missing (.ci/run installs Debian's chromium)")
-    pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
-
-
 def _render(chromium: Path, url: str, tmp_path: Path, shot: Path | None = None) -> str:
     cmd = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -484,10 +473,9 @@ def _render(chromium: Path, url: str, tmp_path: Path, shot: Path | None = None) 
     return res.stdout
 
 
-def test_page_sorts_filters_and_renders_in_chromium(tmp_path):
+def test_page_sorts_filters_and_renders_in_chromium(tmp_path, chromium):
     """The script runs (data-ready), sorting by density reorders the entries, a text search hides the
     latents whose contexts lack it, and the screenshot is not blank; image mode's PNGs decode."""
-    chromium = _chromium()
     path, rec, _ = text_page(tmp_path)
     ids_in_file = [int(e["data-id"]) for e in parse(path.read_text(encoding="utf-8")).entries]
     shot = tmp_path / "page.png"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -21,7 +20,6 @@ from actsparse.config import TrainConfig
 from actsparse.report import unit_stats, write_report
 from actsparse.weights import save_weights
 
-CHROMIUM = Path("/usr/bin/chromium")
 DEAD = [2, 5]  # units the fixture kills by a very negative encoder bias
 TINY = ["--samples", "400", "--iterations", "8", "--hidden", "12", "--activation", "relu", "--decoder", "linear",
         "--penalty", "l1", "--weight", "1e-3", "--no-progress"]
@@ -179,18 +177,9 @@ def test_bad_folders_end_with_one_line(tmp_path, run, capsys):
     assert main(["report"]) == 2 and "usage: actsparse report RUN" in capsys.readouterr().err
 
 
-def _chromium() -> Path:
-    if CHROMIUM.is_file():
-        return CHROMIUM
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {CHROMIUM} is missing (.ci/run installs Debian's chromium)")
-    pytest.skip(f"needs {CHROMIUM} (apt-get install chromium)")
-
-
-def test_page_renders_in_chromium(run, report, tmp_path):
+def test_page_renders_in_chromium(run, report, tmp_path, chromium):
     """Every figure decodes in a real browser (the page's load script counts them into the DOM), and a
     screenshot of the page is not blank."""
-    chromium = _chromium()
     base = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]

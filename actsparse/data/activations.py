@@ -294,21 +294,37 @@ def collect_activations(
 def _forward_one(model: nn.Module, module: nn.Module, name: str, batch: Tensor | Mapping[str, Any],
                  device: torch.device, kwargs: dict[str, Any], positions: Positions,
                  dtype: torch.dtype | None, stop_early: bool) -> Tensor:
+    return forward_layers(model, {name: module}, batch, device, kwargs, positions, dtype, stop_early)[name]
+
+
+def forward_layers(model: nn.Module, modules: Mapping[str, nn.Module], batch: Tensor | Mapping[str, Any],
+                   device: torch.device, kwargs: Mapping[str, Any], positions: Positions,
+                   dtype: torch.dtype | None, stop_early: bool = True) -> dict[str, Tensor]:
+    """One forward of ``batch`` with a hook on each of ``modules`` (name → module): the kept rows
+    ``(n, d)`` of each (:func:`_select`). With ``stop_early`` the forward ends once every hooked
+    module has run, so the layers after the last of them cost nothing. Grad mode, every module's
+    mode and the model's hooks are as before afterwards, also if the forward raises.
+
+    Raises:
+        ValueError: a hooked module did not run in the forward, or ran more than once.
+    """
     if isinstance(batch, Tensor):
         batch = batch.to(device, non_blocking=True)
         mask = None
     else:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         mask = batch.get("attention_mask")
-    captured: list[Tensor] = []
+    captured: dict[str, list[Tensor]] = {name: [] for name in modules}
 
-    def hook(mod: nn.Module, args: object, output: object) -> None:
-        captured.append(_select(first_tensor(output, name, "collect"), positions, mask, dtype))
-        if stop_early:
-            raise _Stop
+    def hook_of(name: str):
+        def hook(mod: nn.Module, args: object, output: object) -> None:
+            captured[name].append(_select(first_tensor(output, name, "collect"), positions, mask, dtype))
+            if stop_early and all(captured.values()):
+                raise _Stop
+        return hook
 
     modes = [(m, m.training) for m in model.modules()]
-    handle = module.register_forward_hook(hook)
+    handles = [module.register_forward_hook(hook_of(name)) for name, module in modules.items()]
     try:
         model.eval()
         with torch.no_grad():
@@ -317,13 +333,15 @@ def _forward_one(model: nn.Module, module: nn.Module, name: str, batch: Tensor |
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         for m, mode in modes:
             m.training = mode
-    if len(captured) != 1:
-        why = "did not run in the forward" if not captured else f"ran {len(captured)} times in one forward"
-        raise ValueError(f"the layer {name!r} {why}; collect from a module that runs once per forward")
-    return captured[0]
+    for name, got in captured.items():
+        if len(got) != 1:
+            why = "did not run in the forward" if not got else f"ran {len(got)} times in one forward"
+            raise ValueError(f"the layer {name!r} {why}; collect from a module that runs once per forward")
+    return {name: got[0] for name, got in captured.items()}
 
 
 def _select(a: Tensor, positions: Positions, mask: Tensor | None, dtype: torch.dtype | None) -> Tensor:
@@ -626,6 +644,22 @@ def _check_token_ids(path: Path, ids: np.ndarray, vocab: int | None) -> None:
                          f"vocabulary of {vocab} (ids 0..{vocab - 1}): were they made by another tokenizer?")
 
 
+def load_token_file(path: str | os.PathLike, vocab: int | None) -> np.ndarray:
+    """The 1-D integer ``.npy`` array of ``--token-file``, memory-mapped, its ids checked against
+    ``vocab`` (None: only that they are >= 0)."""
+    p = Path(path)
+    if p.suffix.lower() != ".npy" or not p.is_file():
+        raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {p}")
+    try:
+        ids = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{p} is not a readable .npy array of token ids ({one_line(err, 160)})") from err
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{p} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
+    _check_token_ids(p, ids, vocab)
+    return ids
+
+
 def cache_model_activations(
     checkpoint: str,
     layer: str,
@@ -659,18 +693,8 @@ def cache_model_activations(
     # again with the loaded model's
     known = TINY_GPT2_VOCAB if checkpoint == "tiny-gpt2" else None
     _check_bos(bos, known)
-    ids = None
-    if token_file is not None:
-        path = Path(token_file)
-        if path.suffix.lower() != ".npy" or not path.is_file():
-            raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {path}")
-        try:
-            ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ValueError(f"{path} is not a readable .npy array of token ids ({one_line(err, 160)})") from err
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-        _check_token_ids(path, ids, known)
+    ids = load_token_file(token_file, known) if token_file is not None else None
+    path = Path(token_file) if token_file is not None else None
     model = tiny_gpt2(seed, device=device) if checkpoint == "tiny-gpt2" else load_hf_model(checkpoint, device=device)
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)

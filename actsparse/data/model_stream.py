@@ -56,16 +56,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..attach import first_tensor
 from ..config import MODEL_PREFIX
-from ._limits import one_line
 from .activations import (
     Positions,
     _check_bos,
     _check_token_ids,
     _describe_positions,
-    _select,
-    _Stop,
+    _model_device,
+    forward_layers,
+    load_token_file,
     parse_positions,
     position_mask,
     resolve_layer,
@@ -248,43 +247,12 @@ class ActivationBlocks:
 
     # ---------------------------------------------------------------- computing rows
     def _forward(self, ids: Tensor) -> dict[str, Tensor]:
-        """One forward of ``ids`` ``(n, context)``: the kept rows ``(n·r, d)`` float32 of each layer.
-        The forward stops once every hooked layer has run; grad mode, the modules' modes and
-        hooks are as before afterwards (as in :func:`~actsparse.data.activations.collect_activations`)."""
-        captured: dict[str, Tensor] = {}
-
-        def hook_of(name: str):
-            def hook(module: nn.Module, args: object, output: object) -> None:
-                if name in captured:
-                    raise ValueError(f"the layer {name!r} ran twice in one forward; collect from a module that runs "
-                                     "once per forward")
-                captured[name] = _select(first_tensor(output, name, "collect"), self.positions, None, torch.float32)
-                if len(captured) == len(self.modules):
-                    raise _Stop  # the layers after the last hooked one cost nothing
-            return hook
-
-        model = self.model
-        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-        modes = [(m, m.training) for m in model.modules()]
-        handles = [m.register_forward_hook(hook_of(name)) for name, m in self.modules.items()]
-        try:
-            model.eval()
-            with torch.no_grad():
-                try:
-                    model(ids.to(device), **self.forward_kwargs)
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
-            for m, mode in modes:
-                m.training = mode
+        """One forward of ``ids`` ``(n, context)``: the kept rows ``(n·r, d)`` float32 of each layer
+        (:func:`~actsparse.data.activations.forward_layers`: stopped once every hooked layer ran)."""
+        rows = forward_layers(self.model, self.modules, ids, _model_device(self.model), self.forward_kwargs,
+                              self.positions, torch.float32)
         self.forwards += 1
-        missing = [name for name in self.modules if name not in captured]
-        if missing:
-            raise ValueError(f"the layer(s) {', '.join(map(repr, missing))} did not run in the forward; collect from "
-                             "modules that run once per forward")
-        return captured
+        return rows
 
     def _rows_of_windows(self, ids: np.ndarray, n_rows: int) -> dict[str, Tensor]:
         """The first ``n_rows`` rows of the windows ``ids``, in forwards of ``forward_batch`` windows
@@ -454,21 +422,6 @@ class ModelActivationStream:
 
 
 # --------------------------------------------------------------------------- --data model:NAME
-def _load_token_file(path: str, vocab: int | None) -> np.ndarray:
-    """The 1-D integer ``.npy`` of ``--token-file``, memory-mapped, its ids checked against ``vocab``."""
-    p = Path(path)
-    if p.suffix.lower() != ".npy" or not p.is_file():
-        raise FileNotFoundError(f"--token-file must be an existing 1-D .npy array of token ids, got {p}")
-    try:
-        ids = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{p} is not a readable .npy array of token ids ({one_line(err, 160)})") from err
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{p} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-    _check_token_ids(p, ids, vocab)
-    return ids
-
-
 def _load_model(name: str, cfg: Any, device: torch.device) -> tuple[nn.Module, Any, str]:
     """``(model, corpus or None, description)`` of ``--data model:NAME``."""
     from .activations import load_hf_model, tiny_gpt2
@@ -510,7 +463,7 @@ def stream_from_config(cfg: Any) -> ModelActivationStream:
     name = cfg.data[len(MODEL_PREFIX):]
     known_vocab = 256 if name in MODEL_NAMES else None  # both are byte-level: cheap checks before loading
     _check_bos(cfg.bos, known_vocab)
-    ids = _load_token_file(cfg.token_file, known_vocab) if cfg.token_file is not None else None
+    ids = load_token_file(cfg.token_file, known_vocab) if cfg.token_file is not None else None
     model, corpus, about = _load_model(name, cfg, resolve_device(cfg.device))
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)

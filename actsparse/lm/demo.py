@@ -116,10 +116,6 @@ class LMDemoConfig:
             raise ValueError(str(err).replace("LMRecipe.n_embd", "--lm-width").replace("LMRecipe.", "--")) from err
 
 
-def _batches_of(windows: Tensor, batch_size: int) -> Iterator[Tensor]:
-    yield from windows.split(batch_size)
-
-
 def _training_batches(stream, context: int, n_windows: int, batch_size: int, seed: int) -> Iterator[Tensor]:
     """``n_windows`` random windows of ``stream`` in batches, the same for a seed (resumable)."""
     g = torch.Generator().manual_seed(seed)
@@ -177,7 +173,7 @@ def lm_downstream(model, sae, lm_info: dict[str, Any], corpus, *, progress: bool
     from ..downstream import downstream_metrics
 
     evaluated, _ = held_out_windows(lm_info, corpus)
-    return downstream_metrics(model, lm_info["layer"], sae, _batches_of(evaluated, 32),
+    return downstream_metrics(model, lm_info["layer"], sae, evaluated.split(32),
                               positions=parse_positions(lm_info.get("positions", "drop_first")),
                               ablation="zero", progress=progress)
 
@@ -256,7 +252,7 @@ def run_lm_demo(cfg: LMDemoConfig, echo: Callable[[str], None] = print) -> dict[
     down = lm_downstream(model, sae, lm_info, corpus, progress=cfg.progress)
 
     # 5. the browser, on the next held-out windows
-    records = collect_latent_records(lm_latent_codes(model, layer, sae, _batches_of(browsed, 32),
+    records = collect_latent_records(lm_latent_codes(model, layer, sae, browsed.split(32),
                                                      positions=positions), k=20)
     pure = purity(records, browsed)
     meta = {"model": f"byte-level GPT-2, {recipe.n_layer} layers, width {recipe.n_embd} "
