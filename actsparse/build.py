@@ -74,5 +74,6 @@ def build_model(cfg: TrainConfig, d_in: int) -> torch.nn.Module:
         init="orthogonal_tied" if sae else "ufldl", init_scale=cfg.init_scale if sae else 1.0,
         penalty_on_decoder_norm=sae and not unit_norm and cfg.penalty_key in ("l1", "lp"),
         pre_bias=bool(cfg.pre_bias), auxk=cfg.auxk,
-        auxk_coef=cfg.auxk_coef, dead_after=cfg.dead_after, decode=cfg.decode, **extra,
+        auxk_coef=cfg.auxk_coef, dead_after=cfg.dead_after, decode=cfg.decode,
+        topk_screen=getattr(cfg, "topk_screen", "exact"), **extra,
     )
