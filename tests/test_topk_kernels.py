@@ -71,14 +71,21 @@ def test_topk_rows_falls_back_for_short_rows():
     assert [set(r) for r in idx.tolist()] == naive_topk_sets(pre, 8)
 
 
+@pytest.mark.parametrize("mkl", [True, False])
 @pytest.mark.parametrize("block_bytes", [1, 4096, 1 << 20])
-def test_scatter_outer_and_gathered_dots_in_blocks(monkeypatch, block_bytes):
-    """Blocks of 1 sample, of a few and of all of them (the last one short), repeated units
-    across samples: the same sums as a loop in NumPy (float64)."""
+def test_scatter_outer_and_gathered_dots(monkeypatch, block_bytes, mkl):
+    """MKL's CSR kernels, and the fallback in blocks of 1 sample, of a few and of all of them (the
+    last one short); units repeated across samples and within a sample: the same sums as a loop
+    in NumPy (float64)."""
+    if mkl and not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    if not mkl:
+        monkeypatch.setattr(st, "_mkl_sparse", lambda t: False)
     monkeypatch.setattr(st, "SCATTER_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(7)
     batch, k, n, d = 37, 5, 13, 6
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])
+    idx[3, 1] = idx[3, 0]  # a unit twice in one sample (not from a top-k, but the sums must hold)
     coef = torch.randn(batch, k, generator=g, dtype=torch.float64)
     rows = torch.randn(batch, d, generator=g, dtype=torch.float64)
     table = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -91,6 +98,12 @@ def test_scatter_outer_and_gathered_dots_in_blocks(monkeypatch, block_bytes):
     np.testing.assert_allclose(st.gathered_dots(idx, table, rows).numpy(), want_dots, rtol=1e-12, atol=1e-14)
     start = torch.ones(n, d, dtype=torch.float64)  # out= adds to what is there
     np.testing.assert_allclose(st.scatter_outer(idx, coef, rows, n, out=start).numpy(), want_outer + 1, rtol=1e-12)
+    untouched = sorted(set(range(n + 3)) - set(idx.reshape(-1).tolist()))  # units no sample chose: exact zeros
+    assert untouched and not st.scatter_outer(idx, coef, rows, n + 3)[untouched].any()
+    f32 = st.scatter_outer(idx, coef.float(), rows.float(), n)  # float32: to rounding
+    np.testing.assert_allclose(f32.numpy(), want_outer, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(st.gathered_dots(idx, table.float(), rows.float()).numpy(), want_dots, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_sparse_decode_backward_equals_the_embedding_bag_autograd():
@@ -181,3 +194,26 @@ def test_bf16_screen_on_the_model_trains_and_evaluates_exactly():
         TrainConfig(data="synthetic", activation="relu", topk_screen="bf16")
     with pytest.raises(ConfigError, match="--topk-screen"):
         TrainConfig(data="synthetic", activation="topk", k=4, topk_screen="half")
+
+
+def test_the_unit_grouping_kept_on_the_indices_follows_their_changes():
+    """scatter_outer keeps the sort of the indices on the tensor (both weight gradients of a step
+    use it); an in-place change of the indices must not reuse it."""
+    g = torch.Generator().manual_seed(10)
+    idx = torch.stack([torch.randperm(20, generator=g)[:3] for _ in range(8)])
+    coef = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    rows = torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+    def naive(idx):
+        out = torch.zeros(20, 4, dtype=torch.float64)
+        for b in range(8):
+            for j in range(3):
+                out[idx[b, j]] += coef[b, j] * rows[b]
+        return out
+
+    assert torch.allclose(st.scatter_outer(idx, coef, rows, 20), naive(idx))
+    assert torch.allclose(st.scatter_outer(idx, coef, rows, 20), naive(idx))  # from the kept grouping
+    idx[2, 1] = (idx[2, 1] + 7) % 20 if int((idx[2, 1] + 7) % 20) not in idx[2].tolist() else idx[2, 1]
+    idx[5] = idx[5].flip(0)
+    assert torch.allclose(st.scatter_outer(idx, coef, rows, 20), naive(idx))
+    assert torch.allclose(st.scatter_outer(idx, coef, rows, 25), torch.cat([naive(idx), torch.zeros(5, 4).double()]))

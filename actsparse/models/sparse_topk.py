@@ -19,6 +19,7 @@ Same values and gradients as the dense path, to rounding (``tests/test_sparse_to
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -78,9 +79,43 @@ def unit_sums(indices: Tensor, coef: Tensor, n: int) -> Tensor:
     return out.index_add_(0, indices.reshape(-1), coef.reshape(-1))
 
 
-#: Bytes of the ``(samples·k, d)`` outer-product block :func:`scatter_outer` builds at a time: small
-#: enough to stay in a core's cache between the multiply and the ``index_add_`` that reads it.
+#: Bytes of the ``(samples·k, d)`` outer-product block the fallback of :func:`scatter_outer` builds
+#: at a time: small enough to stay in a core's cache between the multiply and the ``index_add_``.
 SCATTER_BLOCK_BYTES = 1 << 20
+
+
+def _mkl_sparse(t: Tensor) -> bool:
+    """Whether ``t``'s products can go through MKL's sparse (CSR) kernels: float32/64 on a CPU
+    build with MKL."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and torch.backends.mkl.is_available()
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from valid parts (made here, so no invariant check; torch's beta warning muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _by_unit(indices: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``(batch, k)`` pairs of ``indices`` grouped by unit, as the CSR parts of the ``(n, batch)``
+    matrix ``Gᵀ``: row pointers ``(n + 1,)`` int32, the order of the flattened pairs ``(batch·k,)``
+    and each one's sample ``(batch·k,)`` int32.
+
+    A sort of ``batch·k`` integers (1 ms for 16,384 here) that both weight gradients of a TopK step
+    need for the same indices: kept on the ``indices`` tensor, for as long as it is not modified.
+    """
+    key = (indices._version, n, indices.shape)
+    cached = getattr(indices, "_actsparse_by_unit", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)  # stable: the same sums in the same order on every run
+    crow = torch.zeros(n + 1, dtype=torch.int32, device=indices.device)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
+    parts = (crow, order, (order // indices.shape[1]).to(torch.int32))
+    indices._actsparse_by_unit = (key, parts)
+    return parts
 
 
 def scatter_outer(indices: Tensor, coef: Tensor, rows: Tensor, n: int, out: Tensor | None = None) -> Tensor:
@@ -90,19 +125,26 @@ def scatter_outer(indices: Tensor, coef: Tensor, rows: Tensor, n: int, out: Tens
         indices: ``(batch, k)`` int64 in ``[0, n)``.
         coef: ``(batch, k)``.
         rows: ``(batch, d)``.
-        out: ``(n, d)`` to add into (default: a new zero tensor).
+        out: ``(n, d)`` to add into (default: a new tensor).
 
-    It is ``Gᵀ rows`` for the ``(batch, n)`` matrix G with ``coef`` at ``indices``, never the dense
-    G: ``batch·k·d`` multiply-adds, a block of samples at a time: their outer products
-    ``coef[b,j]·rows[b]`` (about :data:`SCATTER_BLOCK_BYTES`) and one ``index_add_`` of them. On
-    the 2-core EPYC of docs/benchmarks.md this is 3.5–5× faster than a sparse COO matmul of G
-    (which sorts and coalesces G first) for batch 512, k 32, d 512.
+    It is ``Gᵀ rows`` for the ``(batch, n)`` matrix G with ``coef`` at ``indices``: ``batch·k·d``
+    multiply-adds, never the dense G. On a CPU with MKL (float32/64), ``Gᵀ`` is built in CSR form
+    (the pairs sorted by unit) and multiplied by MKL's sparse kernel into a fresh output: on the
+    2-core EPYC of docs/benchmarks.md 1.6× (batch 512) to 2.9× (batch 4096) faster than blocks of
+    outer products added with ``index_add_`` (the fallback, :data:`SCATTER_BLOCK_BYTES` at a time),
+    and 3–5× faster than torch's COO matmul (which sorts, coalesces and copies).
     """
     batch, k = indices.shape
     d = rows.shape[1]
+    coef = coef.to(rows.dtype)
+    if out is None and _mkl_sparse(rows) and batch * k < 2**31:
+        crow, order, sample = _by_unit(indices, n)
+        g_t = _csr(crow, sample, coef.reshape(-1)[order], (n, batch))
+        result = rows.new_empty(n, d)
+        # beta=0: the output is written, not read (rows of units no sample chose come out 0)
+        return torch.addmm(result, g_t, rows.contiguous(), beta=0, out=result)
     if out is None:
         out = rows.new_zeros(n, d)
-    coef = coef.to(rows.dtype)
     step = max(1, SCATTER_BLOCK_BYTES // max(1, k * d * rows.element_size()))
     for start in range(0, batch, step):
         stop = start + step
@@ -117,17 +159,24 @@ def gathered_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     Args:
         indices: ``(batch, k)`` int64; table: ``(n, d)``; rows: ``(batch, d)``.
 
-    The gradient of an embedding-bag sum with respect to its per-sample weights, a block of
-    samples at a time (their ``k`` gathered table rows stay in cache; see :func:`scatter_outer`).
+    The gradient of an embedding-bag sum with respect to its per-sample weights: ``rows · tableᵀ``
+    sampled at the k units of each sample. On a CPU with MKL (float32/64) that is torch's
+    ``sampled_addmm`` on the CSR pattern of ``indices`` (1.5–2.5× faster here than the fallback:
+    blocks of samples whose gathered table rows stay in cache, dotted with ``vecdot``).
     """
     batch, k = indices.shape
     d = table.shape[1]
+    rows = rows.to(table.dtype)
+    if _mkl_sparse(table) and batch * k < 2**31:
+        crow = torch.arange(0, batch * k + 1, k, dtype=torch.int32, device=table.device)
+        pattern = _csr(crow, indices.reshape(-1).to(torch.int32), table.new_zeros(batch * k), (batch, table.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, rows.contiguous(), table.t(), beta=0).values().view(batch, k)
     out = rows.new_empty(batch, k)
     step = max(1, SCATTER_BLOCK_BYTES // max(1, k * d * table.element_size()))
     for start in range(0, batch, step):
         stop = start + step
         picked = table.index_select(0, indices[start:stop].reshape(-1)).view(-1, k, d)
-        out[start:stop] = torch.linalg.vecdot(picked, rows[start:stop].unsqueeze(1).to(table.dtype))
+        out[start:stop] = torch.linalg.vecdot(picked, rows[start:stop].unsqueeze(1))
     return out
 
 
