@@ -161,16 +161,20 @@ def gathered_dots(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
 
     The gradient of an embedding-bag sum with respect to its per-sample weights: ``rows · tableᵀ``
     sampled at the k units of each sample. On a CPU with MKL (float32/64) that is torch's
-    ``sampled_addmm`` on the CSR pattern of ``indices`` (1.5–2.5× faster here than the fallback:
-    blocks of samples whose gathered table rows stay in cache, dotted with ``vecdot``).
+    ``sampled_addmm`` on the pattern of ``indices`` grouped by unit (1.7–2× faster here than the
+    fallback at batch 512 and 4096: blocks of samples whose gathered table rows stay in cache,
+    dotted with ``vecdot``).
     """
     batch, k = indices.shape
     d = table.shape[1]
     rows = rows.to(table.dtype)
     if _mkl_sparse(table) and batch * k < 2**31:
-        crow = torch.arange(0, batch * k + 1, k, dtype=torch.int32, device=table.device)
-        pattern = _csr(crow, indices.reshape(-1).to(torch.int32), table.new_zeros(batch * k), (batch, table.shape[0]))
-        return torch.sparse.sampled_addmm(pattern, rows.contiguous(), table.t(), beta=0).values().view(batch, k)
+        # the (n, batch) pattern grouped by unit (the grouping the weight gradients use too): each
+        # table row is read once, and the rows of `rows` (a batch: cache-sized) as often as needed
+        crow, order, sample = _by_unit(indices, table.shape[0])
+        pattern = _csr(crow, sample, table.new_zeros(batch * k), (table.shape[0], batch))
+        dots = torch.sparse.sampled_addmm(pattern, table, rows.contiguous().t(), beta=0).values()
+        return dots.new_empty(batch * k).index_copy_(0, order, dots).view(batch, k)
     out = rows.new_empty(batch, k)
     step = max(1, SCATTER_BLOCK_BYTES // max(1, k * d * table.element_size()))
     for start in range(0, batch, step):
