@@ -295,13 +295,14 @@ def test_pre_bias_subtracts_decoder_bias_before_encoding():
 # unit-norm decoder
 
 
+@pytest.mark.parametrize("hidden", [10, 1100])  # 1100: three blocks of rows (models.sae.ROW_BLOCK), the last short
 @pytest.mark.parametrize("tied", [False, True])
-def test_normalize_decoder_gives_unit_norm_atoms(tied):
+def test_normalize_decoder_gives_unit_norm_atoms(tied, hidden):
     torch.manual_seed(8)
-    m = SparseAutoencoder(6, 10, "topk", k=3, tied=tied, unit_norm_decoder=True, dtype=torch.float64)
-    np.testing.assert_allclose(np.linalg.norm(m.decoder_weight.detach().numpy(), axis=0), np.ones(10), rtol=1e-14)
+    m = SparseAutoencoder(6, hidden, "topk", k=3, tied=tied, unit_norm_decoder=True, dtype=torch.float64)
+    np.testing.assert_allclose(np.linalg.norm(m.decoder_weight.detach().numpy(), axis=0), np.ones(hidden), rtol=1e-14)
     with torch.no_grad():
-        m.decoder_weight.mul_(torch.rand(6, 10, dtype=torch.float64) * 3 + 0.1)
+        m.decoder_weight.mul_(torch.rand(6, hidden, dtype=torch.float64) * 3 + 0.1)
     before = m.decoder_weight.detach().numpy().copy()
     m.normalize_decoder()
     after = m.decoder_weight.detach().numpy()
@@ -309,11 +310,12 @@ def test_normalize_decoder_gives_unit_norm_atoms(tied):
     assert not m.decoder_weight.requires_grad or m.W_enc.grad is None  # no graph was built
 
 
+@pytest.mark.parametrize("hidden", [10, 1100])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("unit", [True, False])
-def test_remove_parallel_gradient_leaves_gradient_orthogonal_to_each_atom(tied, unit):
+def test_remove_parallel_gradient_leaves_gradient_orthogonal_to_each_atom(tied, unit, hidden):
     torch.manual_seed(9)
-    m = SparseAutoencoder(6, 10, "relu", tied=tied, unit_norm_decoder=unit, penalty=L1(0.1), dtype=torch.float64)
+    m = SparseAutoencoder(6, hidden, "relu", tied=tied, unit_norm_decoder=unit, penalty=L1(0.1), dtype=torch.float64)
     m.remove_parallel_gradient()  # no gradient yet: a no-op, not an error
     m(rand64(16, 6)).loss.backward()
     grad = (m.W_enc.grad if tied else m.W_dec.grad).t()  # (d_in, d_hidden), as decoder_weight
