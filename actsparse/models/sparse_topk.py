@@ -143,6 +143,12 @@ def scatter_outer(indices: Tensor, coef: Tensor, rows: Tensor, n: int, out: Tens
         result = rows.new_empty(n, d)
         # beta=0: the output is written, not read (rows of units no sample chose come out 0)
         return torch.addmm(result, g_t, rows.contiguous(), beta=0, out=result)
+    if out is None and rows.device.type != "cpu" and rows.dtype in (torch.float32, torch.float64):
+        # on an accelerator: one sparse COO product (cuSPARSE), not many small launches
+        sample = torch.arange(batch, device=indices.device).repeat_interleave(k)
+        g_t = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), sample]), coef.reshape(-1), (n, batch),
+                                      check_invariants=False)
+        return torch.sparse.mm(g_t, rows)
     if out is None:
         out = rows.new_zeros(n, d)
     step = max(1, SCATTER_BLOCK_BYTES // max(1, k * d * rows.element_size()))
@@ -377,5 +383,8 @@ def sparse_decode(values: Tensor, indices: Tensor, atoms: Tensor, bias: Tensor |
         active rows of ``atoms`` (an embedding-bag sum; Gao et al. 2024 use sparse kernels to the
         same end on GPUs).
     """
-    out = _SparseDecode.apply(values.to(atoms.dtype), indices, atoms)
+    if atoms.device.type == "cpu":
+        out = _SparseDecode.apply(values.to(atoms.dtype), indices, atoms)
+    else:  # on an accelerator the embedding bag's own backward (one kernel each) is the fast one
+        out = F.embedding_bag(indices, atoms, per_sample_weights=values.to(atoms.dtype), mode="sum")
     return out if bias is None else out + bias
