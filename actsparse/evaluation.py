@@ -98,16 +98,19 @@ def split_indices(n: int, validation: float, generator: torch.Generator) -> tupl
     return perm[:n_val], perm[n_val:]
 
 
-def training_split(data, cfg) -> Tensor:
+def training_split(data, cfg):
     """The samples ``metrics.json`` was computed on, recomputed from the run's data and config
     alone: for an in-memory data set (``data.x``), the training split that ``train`` draws with
-    ``cfg.seed`` and ``cfg.validation`` (:func:`split_indices`); for a streamed store, ``data.x``,
+    ``cfg.seed`` and ``cfg.validation`` (:func:`split_indices`), as the rows of ``data.x`` it
+    holds (:class:`~actsparse.data.IndexedRows`: not a copy); for a streamed store, ``data.x``,
     the sample of the store that the run's metrics use. ``data`` is what
     :func:`actsparse.data.load_data` returns for ``cfg``."""
+    from .data import IndexedRows
+
     if getattr(data, "stream", None) is not None:
         return data.x
     _, train_idx = split_indices(data.x.shape[0], cfg.validation, torch.Generator().manual_seed(cfg.seed))
-    return data.x[train_idx]
+    return IndexedRows(data.x, train_idx)
 
 
 def penalty_target(model: torch.nn.Module) -> tuple[float, str] | None:

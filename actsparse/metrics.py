@@ -59,17 +59,54 @@ def _check(name: str, t: object, *, dims: int | None = None, what: str = "") -> 
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def total_variance(x: Tensor, chunk: int = 16384) -> Tensor:
-    """``Σ‖x − x̄‖²`` in float64, the denominator of the FVU; x: ``(batch, d_in)``. Two passes (the
-    mean, then the squares about it), ``chunk`` rows at a time, so no float64 copy of a large x."""
-    _check("x", x)
+def total_variance(x: Tensor, chunk: int | None = None) -> Tensor:
+    """``Σ‖x − x̄‖²`` in float64, the denominator of the FVU; x: ``(batch, d_in)``, or rows of a
+    tensor gathered a chunk at a time (:class:`actsparse.data.IndexedRows`: the same result as for
+    the copied rows, to the bit). Two passes (the mean, then the squares about it), ``chunk`` rows
+    at a time (default: about 2²¹ values, a 16 MiB float64 chunk), so no float64 copy of a large x:
+    one chunk in float64 at a time."""
+    if chunk is None:
+        chunk = max(1, (1 << 21) // max(1, math.prod(x.shape[1:])))
+    rows = _indexed_rows(x)
+    if rows:
+        _check("x", x.x)
+        if len(x) == 0:
+            raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    else:
+        _check("x", x)
     # the sum chunk by chunk too: x.sum(0, dtype=float64) casts all of x to float64 first (a 400 MB
-    # float32 array took 780 MB more)
-    mean = sum(xb.sum(0, dtype=torch.float64) for xb in x.split(chunk)) / x.shape[0]
+    # float32 array took 780 MB more); the cast chunk's sum is the same to the bit
+    if rows:
+        mean = sum(xb.sum(0) for xb in _float64_chunks(x, chunk)) / x.shape[0]
+    else:
+        mean = sum(xb.sum(0, dtype=torch.float64) for xb in x.split(chunk)) / x.shape[0]
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for xb in x.split(chunk):
-        total += (xb.double() - mean).square().sum()
+    chunks = _float64_chunks(x, chunk) if rows else (xb.to(torch.float64, copy=True) for xb in x.split(chunk))
+    for xb in chunks:
+        total += xb.sub_(mean).square_().sum()  # in place, on a float64 copy: one temporary, not three
     return total
+
+
+def _indexed_rows(x: object) -> bool:
+    if isinstance(x, Tensor):
+        return False
+    from .data import IndexedRows  # imported here: actsparse.data is not this module's dependency
+
+    return isinstance(x, IndexedRows)
+
+
+def _float64_chunks(rows, chunk: int, part: int = 2048):
+    """The rows of an :class:`~actsparse.data.IndexedRows`, ``chunk`` at a time, in float64: one
+    buffer, reused, filled ``part`` rows at a time (no float32 copy of the chunk beside it). Each
+    chunk is overwritten by the next: use it before asking for the next."""
+    buf = None
+    for idx in rows.index.split(chunk):
+        if buf is None or buf.shape[0] != idx.shape[0]:
+            buf = None  # the last, shorter chunk: free the full-size buffer first
+            buf = torch.empty((idx.shape[0], *rows.shape[1:]), dtype=torch.float64, device=rows.device)
+        for a in range(0, idx.shape[0], part):
+            buf[a:a + part] = rows.x.index_select(0, idx[a:a + part])
+        yield buf
 
 
 def fvu(x: Tensor, x_hat: Tensor, total: Tensor | None = None) -> Tensor:

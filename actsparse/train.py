@@ -28,7 +28,7 @@ from .build import build_model, resolve_device
 from .checkpoint import CHECKPOINT
 from .config import TrainConfig
 from .control import TargetSparsity
-from .data import STREAM_SAMPLE, count_not_finite
+from .data import STREAM_SAMPLE, IndexedRows, count_not_finite
 from .distributed import local_batch_statistics, sync_batch_statistics, world
 from .errors import NonFiniteError, TrainingError, TrainingWarning
 from .evaluation import evaluate, split_indices, unit_statistics
@@ -231,12 +231,15 @@ class _Run:
             # the one definition of the split, which the report and the figures rebuild from the run folder
             val_idx, train_idx = split_indices(x.shape[0], cfg.validation, self.g)
             self.n_val = len(val_idx)
-            self.x_val, self.x_train = x[val_idx], x[train_idx]
+            # both splits are rows of the one copy of x, gathered a batch at a time (copied splits
+            # would hold the data twice); the minibatches and the evaluations see the same rows in
+            # the same order as in copies
+            self.x_val, self.x_train = IndexedRows(x, val_idx), IndexedRows(x, train_idx)
             if self.x_train.shape[0] < 2:
                 raise ValueError(f"--validation {cfg.validation:g} holds out {self.n_val} of {x.shape[0]} samples and "
                                  f"leaves {self.x_train.shape[0]} for training: lower --validation or give more data")
             if cfg.optimizer == "lbfgs":
-                self.x_train = self.x_train.to(self.device)  # full batch: moved once
+                self.x_train = self.x_train.tensor().to(self.device)  # full batch: one copy, moved once
         self.total = planned_steps(cfg, x)
         if model is None:
             model = build_model(cfg, self.d_in).to(torch.float32 if streaming else x.dtype)
@@ -292,7 +295,10 @@ class _Run:
         if self.cfg.decoder != "sigmoid":
             return
         x = self.x_train.sample(4096, seed=self.cfg.seed) if self.streaming else self.x_train
-        lo, hi = float(x.min()), float(x.max())
+        parts = x.split(max(1, (1 << 20) // max(1, math.prod(x.shape[1:])))) if isinstance(x, IndexedRows) else (x,)
+        lo, hi = math.inf, -math.inf
+        for part in parts:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
         if lo < 0 or hi > 1:
             raise ValueError(f"--decoder sigmoid outputs values in (0, 1), but the data lie in [{lo:.3g}, {hi:.3g}]: "
                              f"use --decoder linear (or data scaled to [0, 1]; for model activations, --recipe sae)")
@@ -722,11 +728,15 @@ def _epoch_batches(x, epoch: int, g: torch.Generator, cfg: TrainConfig, rank: in
     on every rank (from ``g`` in memory; from ``(seed, epoch)`` for a :class:`TrainingStream`) and
     split into ``world_size`` near-equal parts: N processes see exactly the samples one process
     would, and each reads only its own part. The first ``skip`` batches (done before a resume) are
-    not read (a stream skips them without making them). Yields ``(batch index, batch)``."""
-    if isinstance(x, Tensor):
+    not read (a stream skips them without making them). In memory (a tensor, or the rows of one:
+    :class:`~actsparse.data.IndexedRows`) each batch is gathered from the data when it is reached.
+    Yields ``(batch index, batch)``."""
+    if isinstance(x, (Tensor, IndexedRows)):
         for b, idx in enumerate(torch.randperm(x.shape[0], generator=g).split(cfg.batch_size)):
             if b >= skip:
-                yield b, x[idx.tensor_split(world_size)[rank]].to(device, non_blocking=True)
+                part = idx.tensor_split(world_size)[rank]
+                xb = x[part] if isinstance(x, Tensor) else x.gather(part)
+                yield b, xb.to(device, non_blocking=True)
     else:
         for b, xb in x.epoch_batches(cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
                                      skip=skip):

@@ -22,6 +22,7 @@ SCRIPTS = {  # script -> result stem and a key its JSON must have
     "bench_stream_rss.py": ("stream_rss", "loop_peak_rss_ratio"),
     "bench_ddp_scaling.py": ("ddp_scaling", "speedup_over_one_thread"),
     "bench_topk_bound.py": ("topk_bound", "gemm_decisions"),
+    "bench_data_memory.py": ("data_memory", "adam_peak_growth_per_data_mib"),
 }
 
 
