@@ -109,6 +109,8 @@ def profile_step(stepper: Stepper, steps: int = 10, rows: int = 14) -> list[dict
     """The operators of ``steps`` calls of ``stepper`` by self CPU time, ms per step."""
     from torch.profiler import profile
 
+    for _ in range(3):  # warm: oneDNN's primitives, the allocator's blocks
+        with_gemm(None, stepper)()
     with profile() as prof:
         for _ in range(steps):
             with_gemm(None, stepper)()
