@@ -661,10 +661,10 @@ class L1(Penalty):
     sum_over_units = True
 
     def value(self, a: Tensor) -> Tensor:
-        return F.l1(a, check=self.check)
+        return F.scaled_l1(a, 1.0, check=self.check)
 
     def _scaled(self, a: Tensor, weight: float) -> Tensor:
-        return F.scaled_l1(a, weight, check=self.check)  # the weight folded into one node
+        return F.scaled_l1(a, weight, check=self.check)  # the weight folded into the reduction
 
     def _unit_values(self, a: Tensor) -> Tensor:  # Σ over all but the unit axis of |a|, / batch
         F._check_activations(a)
@@ -887,7 +887,7 @@ class Lp(Penalty):
     def _evaluate(self, a: Tensor, weight: float) -> Tensor:
         """``weight · Σ|a|^p / batch`` at the current p; no state changes."""
         if self._p == 1.0:
-            return F.scaled_l1(a, weight, check=self.check)  # L1's own node: Lp(p=1) is L1
+            return F.scaled_l1(a, weight, check=self.check)  # L1's own computation: Lp(p=1) is L1
         F._check_activations(a)
         # a copy, so that autograd keeps no reference to a (an in-place layer after the hook may overwrite it)
         x = a.to(F._compute_dtype(a.dtype), copy=True)
