@@ -540,16 +540,37 @@ def scaled_l1(a: Tensor, weight: float = 1.0, *, reduction: ActivityReduction = 
     _check_activations(a)
     scale = weight / _activity_divisor(a, reduction)
     cd = _compute_dtype(a.dtype)
-    if a.requires_grad and torch.is_grad_enabled():
+    if a.requires_grad and torch.is_grad_enabled() and a.numel() > _FLOAT_SIGN_MAX:
+        out = _SignedL1.apply(a, cd, scale)  # large: the sign kept as int8, no float product
+    elif a.requires_grad and torch.is_grad_enabled():
         s = torch.sgn(a.detach())
-        if a.numel() > _FLOAT_SIGN_MAX:
-            s = s.to(torch.int8)  # NaN becomes 0 in the conversion
-        elif not check:
+        if not check:
             s = s.nan_to_num_(0.0)
         out = (a * s).sum(dtype=cd) * scale
     else:  # nothing to keep for a backward
         out = a.abs().sum(dtype=cd) * scale
     return _in_caller_dtype(out, a, check)
+
+
+class _SignedL1(torch.autograd.Function):
+    """``scale · Σ|a|`` (summed in ``dtype`` by ``torch.sum``) whose backward is
+    ``sgn(a)·(g·scale)`` from sgn(a) kept as int8: :func:`scaled_l1` for activations above
+    :data:`_FLOAT_SIGN_MAX` elements, where a product's float temporaries would cost more memory
+    than the node's Python backward costs time (a NaN's sign is 0: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, dtype: torch.dtype, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(torch.sgn(a).to(torch.int8))
+        ctx.scale, ctx.a_dtype = scale, a.dtype
+        return a.abs().sum(dtype=dtype) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (sign,) = ctx.saved_tensors
+        s = sign.to(ctx.a_dtype)
+        if torch.is_grad_enabled():  # create_graph=True: autograd records this, so no in-place op
+            return s * (grad * ctx.scale), None, None
+        return s.mul_(grad * ctx.scale), None, None
 
 
 def l1(

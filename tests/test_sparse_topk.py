@@ -119,7 +119,7 @@ def test_eval_mode_and_decode_of_a_sparse_code():
 def test_auto_chooses_the_sparse_path_only_where_it_applies():
     assert SparseAutoencoder(8, 512, "topk", k=8).sparse
     assert not SparseAutoencoder(8, 16, "topk", k=8).sparse  # k close to d_hidden: dense matmuls win
-    assert not SparseAutoencoder(8, 127, "topk", k=8).sparse and SparseAutoencoder(8, 128, "topk", k=8).sparse
+    assert not SparseAutoencoder(8, 63, "topk", k=8).sparse and SparseAutoencoder(8, 64, "topk", k=8).sparse
     assert not SparseAutoencoder(8, 512, "topk", k=8, penalty=L1(0.1)).sparse  # a penalty needs the dense code
     assert not SparseAutoencoder(8, 512, "batchtopk", k=8).sparse
     assert not SparseAutoencoder(8, 512, "relu").sparse

@@ -29,10 +29,10 @@ ReconLoss = Literal["half_sse", "mse", "sse"]
 Decode = Literal["auto", "dense", "sparse"]
 
 #: ``decode="auto"`` takes the sparse TopK path when ``d_sae >= SPARSE_MIN_RATIO * k``. Measured
-#: (bench/bench_scaling.py, docs/benchmarks.md; d_in 512, batch 512, 2 cores): the paths tie at
-#: d_sae/k = 8 (sparse/dense 0.92-1.04 over runs), sparse is 1.3-1.4x faster at 16 and 1.4-3.7x
-#: beyond; dense wins below 8 (0.37x at 2).
-SPARSE_MIN_RATIO = 16
+#: (bench/bench_scaling.py, docs/benchmarks.md §6; d_in 512, batch 512, 2 cores; 2026-12-02, with
+#: the blocked top-k and the CSR backward): the paths tie at d_sae/k = 4 (sparse/dense 0.96),
+#: sparse is 1.6x faster at 8 and 1.9-5.9x beyond; dense wins below 4 (0.56x at 2).
+SPARSE_MIN_RATIO = 8
 
 
 #: Rows of the dictionary :meth:`SparseAutoencoder.normalize_decoder` and
@@ -178,7 +178,7 @@ class SparseAutoencoder(nn.Module):
             sample (:mod:`~actsparse.models.sparse_topk`: same values and gradients, much less
             work when k ≪ d_hidden); ``dense`` builds the ``(batch, d_hidden)`` code; ``auto``
             (default) takes the sparse path for ``topk`` without a penalty when
-            ``d_hidden >= SPARSE_MIN_RATIO · k`` (16).
+            ``d_hidden >= SPARSE_MIN_RATIO · k`` (8).
         matryoshka: nested prefix sizes ``m₁ < m₂ < …`` in (0, d_hidden] (d_hidden is appended if
             the last is smaller), for a Matryoshka SAE (Bussmann et al. 2025, "Learning
             multi-level features with Matryoshka sparse autoencoders"; Nabeshima 2024): each prefix
