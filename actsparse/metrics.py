@@ -65,8 +65,6 @@ def total_variance(x: Tensor, chunk: int | None = None) -> Tensor:
     the copied rows, to the bit). Two passes (the mean, then the squares about it), ``chunk`` rows
     at a time (default: about 2²¹ values, a 16 MiB float64 chunk), so no float64 copy of a large x:
     one chunk in float64 at a time."""
-    if chunk is None:
-        chunk = max(1, (1 << 21) // max(1, math.prod(x.shape[1:])))
     rows = _indexed_rows(x)
     if rows:
         _check("x", x.x)
@@ -74,6 +72,8 @@ def total_variance(x: Tensor, chunk: int | None = None) -> Tensor:
             raise ValueError(f"x is empty (shape {tuple(x.shape)})")
     else:
         _check("x", x)
+    if chunk is None:
+        chunk = max(1, (1 << 21) // max(1, math.prod(x.shape[1:])))
     # the sum chunk by chunk too: x.sum(0, dtype=float64) casts all of x to float64 first (a 400 MB
     # float32 array took 780 MB more); the cast chunk's sum is the same to the bit
     if rows:

@@ -109,7 +109,10 @@ def _rho_by_hand(run: Path) -> torch.Tensor:
     model, _ = load_checkpoint(run)
     x = _training_split_by_hand(run)
     with torch.no_grad():
-        return model.eval()(x).code.double().mean(0)  # one dense forward, no batching
+        code = model.eval()(x).code  # one forward, no batching
+    if not isinstance(code, torch.Tensor):  # the sparse TopK path's SparseCode (hidden 24 = 8·k)
+        code = code.to_dense()
+    return code.double().mean(0)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "topk", "digits"])
