@@ -14,6 +14,13 @@ def rand64(*shape):
     return torch.rand(*shape, dtype=torch.float64)
 
 
+def reconstruction_and_grads(model, x):
+    """One forward and backward of ``model`` on ``x``: the reconstruction and every parameter's gradient."""
+    out = model(x)
+    out.loss.backward()
+    return out.reconstruction.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 def pair(d_in=7, d=40, k=5, **kw):
     """Two SAEs with the same parameters, one per path."""
     torch.manual_seed(0)
@@ -180,11 +187,7 @@ def test_sparse_path_over_several_chunks_matches_the_dense_reference():
     dense = SparseAutoencoder(16, 256, "topk", k=5, decode="dense", **kw).double()
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(1100, 16, dtype=torch.float64)
-    res = []
-    for m in (sparse, dense):
-        out = m(x)
-        out.loss.backward()
-        res.append((out.reconstruction.detach(), [p.grad for p in m.parameters()]))
+    res = [reconstruction_and_grads(m, x) for m in (sparse, dense)]
     assert torch.allclose(res[0][0], res[1][0], atol=1e-10)
     for a, b in zip(res[0][1], res[1][1]):
         assert torch.allclose(a, b, atol=1e-10)

@@ -4,6 +4,7 @@ the blocked outer-product scatter and row dots, and the decode's custom backward
 import numpy as np
 import pytest
 import torch
+from test_sparse_topk import reconstruction_and_grads  # (tests/ is on sys.path)
 from torch.nn import functional as F
 
 from actsparse.models import SparseAutoencoder
@@ -135,11 +136,7 @@ def test_sae_on_the_blocked_path_equals_the_dense_path():
         sparse.b_enc.uniform_(-0.2, 0.2)
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(700, 12, dtype=torch.float64)
-    got = []
-    for m in (sparse, dense):
-        out = m(x)
-        out.loss.backward()
-        got.append((out.reconstruction.detach(), [p.grad.clone() for p in m.parameters()]))
+    got = [reconstruction_and_grads(m, x) for m in (sparse, dense)]
     assert torch.allclose(got[0][0], got[1][0], rtol=0, atol=1e-12)
     for a, b in zip(got[0][1], got[1][1]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -342,22 +342,19 @@ def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, chunk: i
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {', '.join(SCREENS)}, got {screen!r}")
     batch, chunk = x.shape[0], chunk or TOPK_CHUNK
-    values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64, device=x.device)
     if screen == "bf16":
         w16, b16 = weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16)
-    for start in range(0, batch, chunk):
-        part = x[start:start + chunk]
-        if screen == "bf16":  # (the selection in float32: reductions over bf16 are 8x slower here)
-            indices[start:start + chunk] = topk_rows(_linear_bf16(part.to(torch.bfloat16), w16, b16).float(), k)[1]
-        else:
-            part_values, part_indices = topk_rows(linear(part, weight, bias), k)
-            values[start:start + chunk] = part_values
-            indices[start:start + chunk] = part_indices
-    if screen == "bf16":  # the chosen units' exact values: one pass, sharing the backward's grouping by unit
+        for start in range(0, batch, chunk):  # (the selection in float32: reductions over bf16 are 8x slower)
+            part = _linear_bf16(x[start:start + chunk].to(torch.bfloat16), w16, b16).float()
+            indices[start:start + chunk] = topk_rows(part, k)[1]
+        # the chosen units' exact values: one pass, sharing the backward's grouping by unit
         values = gathered_dots(indices, weight, x)
-        if bias is not None:
-            values += bias[indices]
+        return (values, indices) if bias is None else (values + bias[indices], indices)
+    values = x.new_empty(batch, k)
+    for start in range(0, batch, chunk):
+        values[start:start + chunk], indices[start:start + chunk] = topk_rows(linear(x[start:start + chunk], weight,
+                                                                                    bias), k)
     return values, indices
 
 
