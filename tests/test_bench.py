@@ -5,8 +5,10 @@ this only proves that each script works and produces the fields the report reads
 """
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,14 +27,23 @@ SCRIPTS = {  # script -> result stem and a key its JSON must have
     "bench_data_memory.py": ("data_memory", "adam_peak_growth_per_data_mib"),
 }
 
+SLOW_SMOKE = {"bench_ddp_scaling.py", "bench_data_memory.py", "bench_stream_rss.py", "bench_scaling.py"}  # 9-15 s each
+
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
+    """The smoke runs, two at a time (each is mostly a fresh interpreter importing torch, on one
+    core: the set takes about half as long as one after another)."""
     out = tmp_path_factory.mktemp("results")
-    for script, (stem, _) in SCRIPTS.items():
-        res = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out / f"{stem}.json")],
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"{script} failed:\n{res.stderr[-3000:]}"
+
+    def smoke(script: str) -> tuple[str, subprocess.CompletedProcess]:
+        argv = [sys.executable, str(BENCH / script), "--smoke", "--out", str(out / f"{SCRIPTS[script][0]}.json")]
+        return script, subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        slowest_first = sorted(SCRIPTS, key=lambda s: s not in SLOW_SMOKE)
+        for script, res in pool.map(smoke, slowest_first):
+            assert res.returncode == 0, f"{script} failed:\n{res.stderr[-3000:]}"
     return out
 
 
