@@ -34,6 +34,8 @@ from torch.optim.lbfgs import _strong_wolfe
 
 __all__ = ["LBFGS", "two_loop_direction"]
 
+_C1, _C2 = 1e-4, 0.9  # the strong Wolfe constants (N&W §3.1; torch's and minFunc's defaults)
+
 
 def two_loop_direction(g: Tensor, s: Tensor, y: Tensor, a: Tensor, gamma: float,
                        order: list[int] | None = None) -> Tensor:
@@ -136,7 +138,10 @@ class LBFGS:
     def step(self, closure: Callable[[], tuple[Tensor, Any]]) -> float:
         """One L-BFGS iteration; returns the loss at the accepted point."""
         if self.f is None:
-            self.f, self.g, self.aux = self._evaluate(closure)
+            self.f, self.g, _ = self._evaluate(closure)
+        # The output at the current point (a full batch's reconstruction and code, the size of the
+        # data or more) is not needed past here: the step's output is the accepted trial's.
+        self.aux = None
         f, g = self.f, self.g
         m = len(self.order)
         d = two_loop_direction(g, self.s[:m], self.y[:m], self.a[:m, :m], self.gamma, self.order)
@@ -146,22 +151,32 @@ class LBFGS:
             d, gtd = g.neg(), -float(g.dot(g))
         t = min(1.0, 1.0 / float(g.abs().sum())) if (self.iterations == 0 or m == 0) else 1.0
         x0 = self._flat_params()
-        tried: dict[float, Any] = {}
+        # The output of one trial only: the one the search returns, which is the trial of lowest
+        # value among those meeting sufficient decrease (its bracket's low end; N&W Alg. 3.6). Keeping
+        # every trial's output held one full-batch output per evaluation of the search at once.
+        kept: dict[float, Any] = {}
+        kept_f = math.inf
 
         def objective(x: Tensor, t: float, d: Tensor) -> tuple[float, Tensor]:
+            nonlocal kept_f
             self._set_params(torch.add(x, d, alpha=t))
             f_t, g_t, aux = self._evaluate(closure)
             if not (math.isfinite(f_t) and bool(torch.isfinite(g_t).all())):
                 raise _NonFiniteTrial(aux)  # torch's line search cannot bracket a NaN
-            tried[float(t)] = aux
+            if f_t <= f + _C1 * float(t) * gtd and f_t < kept_f:
+                kept.clear()
+                kept[float(t)], kept_f = aux, f_t
             return f_t, g_t
 
         # a trial step whose loss or gradient is NaN/Inf: search again from a 10x shorter first
         # step (minFunc backtracks the same way); if every try is non-finite, stay at x0 and report
         # the last non-finite output, so that the caller's finite check stops the run on good weights
         for _ in range(self.max_nonfinite_retries):
+            kept.clear()
+            kept_f = math.inf
             try:
-                f_new, g_new, t, _ = _strong_wolfe(objective, x0, t, d, f, g, gtd, max_ls=self.max_evals)
+                f_new, g_new, t, _ = _strong_wolfe(objective, x0, t, d, f, g, gtd, c1=_C1, c2=_C2,
+                                                   max_ls=self.max_evals)
                 break
             except _NonFiniteTrial as bad:
                 t, last_bad = t * 0.1, bad.aux
@@ -171,10 +186,10 @@ class LBFGS:
             return float("nan")
         t = float(t)
         self._set_params(torch.add(x0, d, alpha=t))  # the accepted point, bit for bit as evaluated
-        if t not in tried:  # the search returns one of its trial steps; evaluate if it ever did not
-            f_new, g_new, tried[t] = self._evaluate(closure)
+        if t not in kept:  # the search returned x0 or a point short of sufficient decrease: evaluate it
+            f_new, g_new, kept[t] = self._evaluate(closure)
         self._remember(d.mul(t), g_new - g)
-        self.f, self.g, self.aux = float(f_new), g_new, tried[t]
+        self.f, self.g, self.aux = float(f_new), g_new, kept[t]
         self.iterations += 1
         return self.f
 

@@ -109,3 +109,41 @@ def test_lbfgs_refuses_a_foreign_state():
     opt = LBFGS([torch.zeros(3, requires_grad=True)])
     with pytest.raises(ValueError, match="not from actsparse's L-BFGS"):
         opt.load_state_dict({"state": {}, "param_groups": []})
+
+
+class _Output:
+    """A closure's second value, as the trainer's model output: tracked to count how many live."""
+
+    def __init__(self, loss: float, params: torch.Tensor):
+        self.loss, self.params = loss, params
+
+
+def test_the_line_search_holds_one_trial_output_and_returns_the_accepted_points():
+    """Each output the closure returns stands for a full batch's reconstruction and code; the step
+    keeps the accepted trial's, not every trial's (which held one per evaluation of the search at once).
+    Rosenbrock from (-1.2, 1) takes several trials per search (N&W's test problem, §9.4)."""
+    import gc
+    import weakref
+
+    x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = LBFGS([x], history=5)
+    live: weakref.WeakSet = weakref.WeakSet()
+    alive_at_call, evals_per_step = [], []
+
+    def closure():
+        gc.collect()
+        alive_at_call.append(len(live))
+        loss = 100 * (x[1] - x[0] ** 2) ** 2 + (1 - x[0]) ** 2
+        loss.backward()
+        out = _Output(float(loss), x.detach().clone())
+        live.add(out)
+        return loss, out
+
+    for _ in range(30):
+        before = opt.evaluations
+        opt.step(closure)
+        evals_per_step.append(opt.evaluations - before)
+        assert opt.aux.loss == opt.f and torch.equal(opt.aux.params, x.detach())  # the accepted point's output
+    assert max(evals_per_step) >= 3, evals_per_step  # searches of several trials happened
+    assert max(alive_at_call) <= 1, alive_at_call  # at most the kept trial's, during any evaluation
+    assert opt.f < 1e-3  # and the minimiser still converges toward (1, 1)
