@@ -87,6 +87,13 @@ class LBFGS:
     ``step(closure)``: ``closure()`` zeroes nothing; it computes the loss, calls ``backward()``
     on it and returns ``(loss, aux)``, where ``aux`` is anything (the model's output) that
     :attr:`aux` then gives for the accepted point. Gradients are read from ``p.grad``.
+
+    A line search that finds no decrease along the L-BFGS direction (it returns the step 0) empties
+    the memory, so that the next iteration searches along −∇f (the restart of N&W §7.2): with the
+    memory unchanged, every later iteration would search the same direction from the same point
+    again. If −∇f gives no decrease either, the point is a minimum to the precision of the loss's
+    values (float32: a relative 1e-7) and :attr:`stalled` turns true; later steps then evaluate
+    nothing and return the same value, until :meth:`objective_changed`.
     """
 
     def __init__(self, params: Iterable[Tensor], history: int = 100, max_evals: int = 25,
@@ -110,6 +117,9 @@ class LBFGS:
         self.g: Tensor | None = None
         self.iterations = 0
         self.evaluations = 0
+        self.stalled = False  # no decrease along -H0 grad f either: later steps evaluate nothing
+        self.stalled_at: int | None = None  # the iteration that found it (1-based)
+        self.restarting = False  # the memory was emptied after a search without decrease
         self.aux: Any = None
 
     # ---------------------------------------------------------------- flat views
@@ -137,6 +147,9 @@ class LBFGS:
     # ---------------------------------------------------------------- the iteration
     def step(self, closure: Callable[[], tuple[Tensor, Any]]) -> float:
         """One L-BFGS iteration; returns the loss at the accepted point."""
+        if self.stalled and self.f is not None:  # no decrease along -grad f last time: nothing left to do
+            self.iterations += 1
+            return self.f
         if self.f is None:
             self.f, self.g, _ = self._evaluate(closure)
         # The output at the current point (a full batch's reconstruction and code, the size of the
@@ -144,12 +157,16 @@ class LBFGS:
         self.aux = None
         f, g = self.f, self.g
         m = len(self.order)
-        d = two_loop_direction(g, self.s[:m], self.y[:m], self.a[:m, :m], self.gamma, self.order)
-        gtd = float(g.dot(d))
-        if not gtd < 0:  # not a descent direction (rounding, or a stale memory): start over
-            self.order.clear()
-            d, gtd = g.neg(), -float(g.dot(g))
-        t = min(1.0, 1.0 / float(g.abs().sum())) if (self.iterations == 0 or m == 0) else 1.0
+        if self.restarting:  # the memory was emptied: -H0 g with its last gamma (N&W eq. 7.20), a full step
+            d, t = g.mul(-self.gamma), 1.0
+            gtd = float(g.dot(d))
+        else:
+            d = two_loop_direction(g, self.s[:m], self.y[:m], self.a[:m, :m], self.gamma, self.order)
+            gtd = float(g.dot(d))
+            if not gtd < 0:  # not a descent direction (rounding, or a stale memory): start over
+                self.order.clear()
+                d, gtd = g.neg(), -float(g.dot(g))
+            t = min(1.0, 1.0 / float(g.abs().sum())) if (self.iterations == 0 or m == 0) else 1.0
         x0 = self._flat_params()
         # The output of one trial only: the one the search returns, which is the trial of lowest
         # value among those meeting sufficient decrease (its bracket's low end; N&W Alg. 3.6). Keeping
@@ -185,10 +202,21 @@ class LBFGS:
             self.aux = last_bad
             return float("nan")
         t = float(t)
+        if t == 0.0:  # no decrease along d: the point stays; restart from -grad f, or stop if that was it
+            self._set_params(x0)
+            self.stalled = not self.order
+            self.restarting = bool(self.order)
+            self.order.clear()
+            self.f, self.g, self.aux = self._evaluate(closure)  # x0's values again, and its output
+            self.iterations += 1
+            if self.stalled and self.stalled_at is None:
+                self.stalled_at = self.iterations
+            return self.f
         self._set_params(torch.add(x0, d, alpha=t))  # the accepted point, bit for bit as evaluated
         if t not in kept:  # the search returned x0 or a point short of sufficient decrease: evaluate it
             f_new, g_new, kept[t] = self._evaluate(closure)
         self._remember(d.mul(t), g_new - g)
+        self.restarting = False
         self.f, self.g, self.aux = float(f_new), g_new, kept[t]
         self.iterations += 1
         return self.f
@@ -199,6 +227,7 @@ class LBFGS:
         gradient, so that its line search compares values of one objective. The curvature pairs
         are kept (the coefficient moves a few percent a step)."""
         self.f = self.g = None
+        self.stalled, self.stalled_at = False, None
 
     def _remember(self, s_new: Tensor, y_new: Tensor) -> None:
         ys = float(s_new.dot(y_new))
@@ -224,7 +253,8 @@ class LBFGS:
         return {"kind": "actsparse.LBFGS", "history": self.history, "s": self.s[:m].clone(),
                 "y": self.y[:m].clone(), "a": self.a[:m, :m].clone(), "order": list(self.order),
                 "gamma": self.gamma, "f": self.f, "g": None if self.g is None else self.g.clone(),
-                "iterations": self.iterations, "evaluations": self.evaluations}
+                "iterations": self.iterations, "evaluations": self.evaluations, "stalled": self.stalled,
+                "stalled_at": self.stalled_at, "restarting": self.restarting}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "actsparse.LBFGS":
@@ -243,3 +273,6 @@ class LBFGS:
         self.a[:m, :m] = state["a"]
         self.gamma, self.f, self.g = state["gamma"], state["f"], state["g"]
         self.iterations, self.evaluations = state["iterations"], state["evaluations"]
+        self.stalled = bool(state.get("stalled", False))
+        self.stalled_at = state.get("stalled_at")
+        self.restarting = bool(state.get("restarting", False))

@@ -460,6 +460,11 @@ def _train_and_report(cfg: TrainConfig, run_dir: Path, echo: Callable[[str], Non
     echo(f"trained {shape}, {cfg.activation}, {cfg.optimizer} for {m['steps']} steps in "
          f"{m['seconds']:.1f} s: reconstruction {m['reconstruction']:.4g}, {fvu}, "
          f"{', '.join(summary_statistics(cfg, m))}")
+    if m.get("lbfgs_stalled_at"):
+        dtype = str(next(result.model.parameters()).dtype).replace("torch.", "")
+        echo(f"L-BFGS stopped improving at step {m['lbfgs_stalled_at']}: no step along the gradient lowered the loss "
+             f"any more (a minimum to the precision of its {dtype} values); the later steps left the weights as they "
+             f"were")
     if m["fvu"] >= 0.99:
         echo(f"warning: FVU {m['fvu']:.3f}: the model reconstructs no better than the mean of the data; "
              f"{likely_cause(cfg, m)}")

@@ -252,6 +252,7 @@ class _Run:
             check_free_space(self.writer, self.model, cfg.optimizer)
         self.forward = self.model
         self.lr_scale, self.rollbacks = 1.0, 0
+        self.lbfgs_stalled_at: int | None = None  # the L-BFGS iteration after which nothing decreased
         self.last_good: dict[str, Any] | None = None  # the payload to roll back to (on_nan="rollback" only)
         self.log = _RunLog(self.writer / "metrics.jsonl" if self.writer is not None else None)
         self.guard = _FiniteGuard(self.world_size > 1)
@@ -454,6 +455,7 @@ class _Run:
 
         for it in range(first, self.cfg.iterations + 1):
             opt.step(closure)
+            self.lbfgs_stalled_at = opt.stalled_at
             if self.controllers:  # --target-*: one coefficient update per iteration, from the accepted point
                 for c in self.controllers:
                     c.step(opt.aux.code if len(self.controllers) == 1 else None)
@@ -548,7 +550,8 @@ class _Run:
                                    **({"coefficient": self.controllers[0].mean_coefficient}
                                       if self.controllers else {}),
                                    "steps": int(history[-1]["step"]) if history else 0, "rollbacks": self.rollbacks,
-                                   "processes": self.world_size}
+                                   "processes": self.world_size,
+                                   **({"lbfgs_stalled_at": self.lbfgs_stalled_at} if self.lbfgs_stalled_at else {})}
         if self.rank == 0:  # the metrics are rank 0's to report; every rank holds the same weights
             # a streamed store is measured on a sample of its rows (it may not fit in memory)
             x = self.x_train.sample(STREAM_SAMPLE, seed=cfg.seed) if self.streaming else self.x_train

@@ -147,3 +147,70 @@ def test_the_line_search_holds_one_trial_output_and_returns_the_accepted_points(
     assert max(evals_per_step) >= 3, evals_per_step  # searches of several trials happened
     assert max(alive_at_call) <= 1, alive_at_call  # at most the kept trial's, during any evaluation
     assert opt.f < 1e-3  # and the minimiser still converges toward (1, 1)
+
+
+def _quantised_quadratic(x: torch.Tensor, quantum: float = 1e-4):
+    """½ Σ aᵢ(xᵢ − 1)² (aᵢ from 1 to 100) whose *value* is rounded to ``quantum`` while its gradient
+    is the exact one: a loss whose values run out of precision near the minimum, as float32 ones do."""
+    a = torch.linspace(1.0, 100.0, x.numel(), dtype=x.dtype)
+    v = 0.5 * (a * (x - 1) ** 2).sum()
+    return v + (torch.round(v / quantum) * quantum - v).detach()
+
+
+def test_lbfgs_restarts_then_stops_when_no_step_lowers_the_loss():
+    """A search that finds no decrease returns the step 0: before, the memory stayed as it was, so
+    every later iteration searched the same direction from the same point again (25 evaluations of
+    nothing each); now the memory is emptied (a restart along -gamma grad f), and if that finds no
+    decrease either, the optimiser has stalled: later steps evaluate nothing."""
+    x = torch.zeros(40, dtype=torch.float64, requires_grad=True)
+    opt = LBFGS([x], history=10)
+    restarts, evals_after_stall = 0, []
+
+    def closure():
+        loss = _quantised_quadratic(x)
+        loss.backward()
+        return loss, None
+
+    for _ in range(200):
+        had_memory, before = bool(opt.order), opt.evaluations
+        opt.step(closure)
+        restarts += had_memory and not opt.order and not opt.stalled
+        if opt.stalled and opt.stalled_at != opt.iterations:
+            evals_after_stall.append(opt.evaluations - before)
+    assert opt.stalled and opt.stalled_at is not None and opt.stalled_at < 200
+    assert restarts >= 1
+    assert evals_after_stall and set(evals_after_stall) == {0}
+    assert opt.evaluations < 3 * opt.stalled_at  # not 25 an iteration from the first search without decrease
+    a = torch.linspace(1.0, 100.0, 40, dtype=torch.float64)
+    assert float(0.5 * (a * (x.detach() - 1) ** 2).sum()) < 1e-3  # the minimum, to about the values' quantum
+    # the state carries it: a reloaded optimiser evaluates nothing either, until the objective changes
+    again = LBFGS([x], history=10)
+    again.load_state_dict(opt.state_dict())
+    again.step(closure)
+    assert again.evaluations == opt.evaluations and again.stalled_at == opt.stalled_at
+    again.objective_changed()
+    again.step(closure)
+    assert again.evaluations > opt.evaluations  # a changed objective is evaluated and searched again
+
+
+def test_a_stalled_run_ends_where_it_stalled():
+    """The trainer's later L-BFGS steps after a stall change nothing (the weights of a run cut at the
+    stall are the same to the bit), and the metrics say where it stalled."""
+    cfg, x = _classic(n=300, iterations=600)  # stalls at 168 when measured, on one thread or two
+    res = train(cfg, x)
+    at = res.metrics.get("lbfgs_stalled_at")
+    assert at is not None and at < 600, res.metrics
+    cut = train(TrainConfig(**(cfg.__dict__ | {"iterations": at})), x)
+    assert "lbfgs_stalled_at" in cut.metrics
+    for (k, p), q in zip(res.model.state_dict().items(), cut.model.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+def test_the_cli_says_where_l_bfgs_stalled(tmp_path, capsys):
+    from actsparse.cli import main
+
+    assert main(["train", "--samples", "300", "--iterations", "600", "--no-plots", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "classic" / "metrics.json").read_text())
+    assert 0 < m["lbfgs_stalled_at"] < 600  # 367 when measured
+    assert f"L-BFGS stopped improving at step {m['lbfgs_stalled_at']}:" in capsys.readouterr().out
