@@ -16,7 +16,14 @@ kernel there. Which one is faster is measured, not assumed from the CPU's name:
   capability, the thread count and the shape. Every later process on the machine, a resumed run
   included, makes the same choice, so resuming stays bit-identical;
 * ``ACTSPARSE_GEMM=default`` or ``=onednn`` overrides the choice; ``default`` is also used for
-  anything but contiguous-able float32 CPU tensors, and whenever a gradient is needed.
+  anything but float32 2-D CPU tensors.
+
+With a graph (a dense SAE's encoder and decoder while training), each of the three products is
+chosen the same way on its own shape: the output ``x Wᵀ``, the input's gradient ``g W`` and the
+weight's gradient ``gᵀ x``, the last two timed with the transposed copies oneDNN needs. A
+product whose choice is the default runs as ``F.linear``'s own backward would (``g.mm(W)``,
+``g.t().mm(x)``). Under ``create_graph`` (a gradient of a gradient), the backward takes those
+default products, which autograd can differentiate again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["linear", "choose", "PATHS", "onednn_available", "decisions"]
+__all__ = ["linear", "choose", "PATHS", "KINDS", "onednn_available", "decisions"]
 
 #: The GEMM paths: torch's ``F.linear``, and oneDNN's float32 linear.
 PATHS = ("default", "onednn")
@@ -55,24 +62,43 @@ def _run(path: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return _onednn(x, w, b) if path == "onednn" else F.linear(x, w, b)
 
 
-def _key(batch: int, d_in: int, d_out: int) -> str:
+#: The products of a linear layer, each chosen on its own: the output, and the two gradients.
+KINDS = ("forward", "grad_input", "grad_weight")
+
+
+def _grad_input(path: str, g: Tensor, w: Tensor) -> Tensor:
+    """``g W``: ``(batch, d_out) @ (d_out, d_in)``."""
+    return _onednn(g, w.t().contiguous(), None) if path == "onednn" else g.mm(w)
+
+
+def _grad_weight(path: str, g: Tensor, x: Tensor) -> Tensor:
+    """``gᵀ x``: ``(d_out, batch) @ (batch, d_in)``."""
+    return _onednn(g.t().contiguous(), x.t().contiguous(), None) if path == "onednn" else g.t().mm(x)
+
+
+def _key(batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
     bucket = 1 << max(6, (batch - 1).bit_length())  # 64, 128, ... : the last, shorter batch shares its key
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"torch {torch.__version__}|{cap}|threads {torch.get_num_threads()}|{bucket}x{d_in}->{d_out}"
+    what = "" if kind == "forward" else f"{kind} of "  # forward keys as before: stored choices stay valid
+    return f"torch {torch.__version__}|{cap}|threads {torch.get_num_threads()}|{what}{bucket}x{d_in}->{d_out}"
 
 
-def _measure(batch: int, d_in: int, d_out: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of each path on random float32 data of that shape, interleaved."""
+def _measure(batch: int, d_in: int, d_out: int, repeats: int = 5, kind: str = "forward") -> dict[str, float]:
+    """Median seconds of each path of the product ``kind`` of a ``(batch, d_in) -> (batch, d_out)``
+    linear layer, on random float32 data, interleaved."""
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in ((batch, d_in), (d_out, d_in), (d_out,)))
+    grad = torch.randn(batch, d_out, generator=g)
+    run = {"forward": lambda p: _run(p, x, w, b), "grad_input": lambda p: _grad_input(p, grad, w),
+           "grad_weight": lambda p: _grad_weight(p, grad, x)}[kind]
     times: dict[str, list[float]] = {p: [] for p in PATHS}
     with torch.no_grad():
         for p in PATHS:  # warm-up: the first oneDNN call creates its primitive
-            _run(p, x, w, b)
+            run(p)
         for _ in range(repeats):
             for p in PATHS:
                 t = time.perf_counter()
-                _run(p, x, w, b)
+                run(p)
                 times[p].append(time.perf_counter() - t)
     return {p: statistics.median(v) for p, v in times.items()}
 
@@ -83,7 +109,7 @@ def _cache_file() -> Path:
     return cache_root() / "gemm.json"
 
 
-def _decide(key: str, batch: int, d_in: int, d_out: int) -> str:
+def _decide(key: str, batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
     """The choice stored for ``key``, or a new measurement stored under a lock."""
     path = _cache_file()
     try:
@@ -101,7 +127,7 @@ def _decide(key: str, batch: int, d_in: int, d_out: int) -> str:
             entry = stored.get(key)
             if isinstance(entry, dict) and entry.get("path") in PATHS:
                 return entry["path"]
-            t = _measure(batch, d_in, d_out)
+            t = _measure(batch, d_in, d_out, kind=kind) if kind != "forward" else _measure(batch, d_in, d_out)
             choice = "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
             stored[key] = {"path": choice, "seconds": t}
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -109,13 +135,14 @@ def _decide(key: str, batch: int, d_in: int, d_out: int) -> str:
             os.replace(tmp, path)
             return choice
     except (OSError, ImportError):  # no writable cache (or no fcntl): measure, keep it for this process
-        t = _measure(batch, d_in, d_out)
+        t = _measure(batch, d_in, d_out, kind=kind) if kind != "forward" else _measure(batch, d_in, d_out)
         return "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
 
 
-def choose(batch: int, d_in: int, d_out: int) -> str:
-    """The float32 CPU GEMM path for ``(batch, d_in) @ (d_out, d_in)ᵀ``: ``ACTSPARSE_GEMM`` if set,
-    else the measured choice (module docstring)."""
+def choose(batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
+    """The float32 CPU GEMM path for the product ``kind`` (:data:`KINDS`) of a linear layer
+    ``(batch, d_in) @ (d_out, d_in)ᵀ``: ``ACTSPARSE_GEMM`` if set, else the measured choice
+    (module docstring)."""
     forced = os.environ.get("ACTSPARSE_GEMM", "").strip().lower()
     if forced:
         if forced not in PATHS:
@@ -123,9 +150,9 @@ def choose(batch: int, d_in: int, d_out: int) -> str:
         return forced if forced == "default" or onednn_available() else "default"
     if not onednn_available():
         return "default"
-    key = _key(batch, d_in, d_out)
+    key = _key(batch, d_in, d_out, kind)
     if key not in _memo:
-        _memo[key] = _decide(key, batch, d_in, d_out)
+        _memo[key] = _decide(key, batch, d_in, d_out, kind) if kind != "forward" else _decide(key, batch, d_in, d_out)
     return _memo[key]
 
 
@@ -134,22 +161,54 @@ def decisions() -> dict[str, str]:
     return dict(_memo)
 
 
+class _Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` with each product on its chosen path (``paths``: forward, grad_input, grad_weight)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, paths: tuple[str, str, str]) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.paths, ctx.has_bias = paths, b is not None
+        if paths[0] == "onednn":
+            return _onednn(x.contiguous(), w.contiguous(), None if b is None else b.contiguous())
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        twice = torch.is_grad_enabled()  # create_graph: products autograd can differentiate again
+        _, p_in, p_w = ("default",) * 3 if twice else ctx.paths
+        g = g.contiguous() if "onednn" in (p_in, p_w) else g
+        gx = _grad_input(p_in, g, w) if ctx.needs_input_grad[0] else None
+        gw = _grad_weight(p_w, g, x) if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where that was measured faster.
+    """``F.linear(x, weight, bias)``, each product through oneDNN where that was measured faster.
 
     Args:
         x: ``(batch, d_in)``; weight: ``(d_out, d_in)``; bias: ``(d_out,)`` or None.
 
     Returns:
-        ``(batch, d_out)``, equal to ``F.linear`` to float32 rounding. A product that needs a
-        gradient, or that is not float32 2-D on the CPU, always goes through ``F.linear``.
+        ``(batch, d_out)``, equal to ``F.linear`` to float32 rounding, with the gradients of
+        ``F.linear`` to float32 rounding. Anything but float32 2-D on the CPU goes through
+        ``F.linear``, and so does a graph whose three products all chose the default.
     """
-    needs_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                               or (bias is not None and bias.requires_grad))
-    if (needs_graph or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32
+    if (x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
             or x.shape[0] == 0):
         return F.linear(x, weight, bias)
-    if choose(x.shape[0], x.shape[1], weight.shape[0]) == "onednn":
+    batch, d_in, d_out = x.shape[0], x.shape[1], weight.shape[0]
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad))
+    if needs_graph:
+        paths = (choose(batch, d_in, d_out),
+                 choose(batch, d_in, d_out, "grad_input") if x.requires_grad else "default",
+                 choose(batch, d_in, d_out, "grad_weight") if weight.requires_grad else "default")
+        if "onednn" in paths:
+            return _Linear.apply(x, weight, bias, paths)
+        return F.linear(x, weight, bias)
+    if choose(batch, d_in, d_out) == "onednn":
         return _onednn(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
     return F.linear(x, weight, bias)

@@ -72,14 +72,25 @@ def classic_scipy(r: dict[str, Any]) -> list[str]:
 
 def dense_step(r: dict[str, Any]) -> list[str]:
     s = r["shape"]
+    fastest = "efficiency_vs_fastest_gemm" in r  # results written before the oneDNN probe lack it
+    head = "| variant | step (ms) | efficiency (step FLOP/s ÷ torch.mm FLOP/s) |"
+    rule = "|---|---|---|"
+    if fastest:
+        head, rule = head + " ÷ fastest fp32 GEMM's |", rule + "---|"
+
+    def row(name: str, key: str, bold: bool) -> str:
+        eff = spread(r["efficiency"][key], "{:.3f}")
+        cells = f"| {name} | {spread(r['step_ms'][key])} | {f'**{eff}**' if bold else eff} |"
+        return cells + (f" {spread(r['efficiency_vs_fastest_gemm'][key], '{:.3f}')} |" if fastest else "")
+
+    probe = (f"Matmul probe (2048²): {spread(r['matmul_gflops'], '{:.0f}')} GFLOP/s with `torch.mm`"
+             + (f", {spread(r['fastest_matmul_gflops'], '{:.0f}')} GFLOP/s the faster of it and oneDNN's "
+                f"float32 linear" if fastest else "") + ".")
     return [f"ReLU SAE {s['d_in']}→{s['d_sae']}→{s['d_in']}, L1, batch {s['batch']}: "
-            f"{s['step_gflop']:.2f} GFLOP per step (5 matmuls). Matmul probe (2048²): "
-            f"{spread(r['matmul_gflops'], '{:.0f}')} GFLOP/s.", "",
-            "| variant | step (ms) | efficiency (step FLOP/s ÷ matmul FLOP/s) |", "|---|---|---|",
-            f"| actsparse `train_step` (fused Adam) | {spread(r['step_ms']['actsparse'])} | "
-            f"**{spread(r['efficiency']['actsparse'], '{:.3f}')}** |",
-            f"| plain PyTorch (`nn.Linear`, `torch.optim.Adam` defaults) | {spread(r['step_ms']['plain_pytorch'])} | "
-            f"{spread(r['efficiency']['plain_pytorch'], '{:.3f}')} |", "", f"Target: {r['target']}."]
+            f"{s['step_gflop']:.2f} GFLOP per step (5 matmuls). {probe}", "", head, rule,
+            row("actsparse `train_step` (fused Adam)", "actsparse", True),
+            row("plain PyTorch (`nn.Linear`, `torch.optim.Adam` defaults)", "plain_pytorch", False),
+            "", f"Target: {r['target']}."]
 
 
 def topk_peers(r: dict[str, Any]) -> list[str]:

@@ -42,16 +42,80 @@ def test_each_path_is_f_linear_to_float32_rounding(fresh, monkeypatch, path, bat
     assert torch.allclose(gemm.linear(xt, w, b), F.linear(xt, w, b), atol=1e-4)
 
 
-def test_float64_and_graphs_take_f_linear_exactly(fresh, monkeypatch):
+def test_float64_takes_f_linear_exactly_and_the_default_path_is_f_linear(fresh, monkeypatch):
     monkeypatch.setenv("ACTSPARSE_GEMM", "onednn")
     x, w, b = torch.randn(8, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), torch.randn(6)
     assert torch.equal(gemm.linear(x, w, b.double()), F.linear(x, w, b.double()))
+    monkeypatch.setenv("ACTSPARSE_GEMM", "default")
     w32 = torch.randn(6, 4, requires_grad=True)
     x32 = torch.randn(8, 4)
     y = gemm.linear(x32, w32)
-    assert y.requires_grad and torch.equal(y, F.linear(x32, w32))  # a graph: F.linear, differentiable
+    assert y.requires_grad and torch.equal(y, F.linear(x32, w32)) and y.grad_fn.name() == "MmBackward0"
     with torch.no_grad():
         assert not gemm.linear(x32, w32).requires_grad
+
+
+@pytest.mark.parametrize("path", gemm.PATHS)
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_graph_values_and_gradients_are_f_linear_to_float32_rounding(fresh, monkeypatch, path, x_grad, with_bias):
+    """Each product of the layer on ``path``: the output and the gradients of x, W and b against
+    F.linear's in float64 (an independent reference), with a weight that is a transposed view (a
+    tied decoder's ``W_enc.t()``)."""
+    monkeypatch.setenv("ACTSPARSE_GEMM", path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 24, generator=g).requires_grad_(x_grad)
+    w_t = torch.randn(24, 40, generator=g, requires_grad=True)  # the weight is w_t.t(): (40, 24), not contiguous
+    b = torch.randn(40, generator=g, requires_grad=True) if with_bias else None
+    up = torch.randn(300, 40, generator=g)
+    y = gemm.linear(x, w_t.t(), b)
+    (y * up).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(x_grad), w_t.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if with_bias else None
+    y64 = F.linear(x64, w64.t(), b64)
+    (y64 * up.double()).sum().backward()
+    pairs = [(y, y64), (w_t.grad, w64.grad)] + ([(x.grad, x64.grad)] if x_grad else []) + \
+        ([(b.grad, b64.grad)] if with_bias else [])
+    for got, want in pairs:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    assert x.grad is None if not x_grad else True
+
+
+def test_a_gradient_of_a_gradient_goes_through_differentiable_products(fresh, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_GEMM", "onednn")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 6, generator=g, requires_grad=True)
+    w = torch.randn(7, 6, generator=g, requires_grad=True)
+    (gx,) = torch.autograd.grad(gemm.linear(x, w).square().sum(), x, create_graph=True)
+    (gw,) = torch.autograd.grad(gx.square().sum(), w)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (gx64,) = torch.autograd.grad(F.linear(x64, w64).square().sum(), x64, create_graph=True)
+    (gw64,) = torch.autograd.grad(gx64.square().sum(), w64)
+    assert torch.allclose(gw.double(), gw64, rtol=1e-4, atol=1e-4 * float(gw64.abs().max()))
+
+
+def test_each_product_of_a_graph_is_chosen_on_its_own(fresh, monkeypatch):
+    """oneDNN measured faster for the output only: the backward's products stay torch's mm."""
+    def measured(batch, d_in, d_out, repeats=5, kind="forward"):
+        return {"default": 2.0, "onednn": 1.0} if kind == "forward" else {"default": 1.0, "onednn": 2.0}
+
+    monkeypatch.setattr(gemm, "_measure", measured)
+    monkeypatch.setattr(gemm, "_onednn", _counting(gemm._onednn, calls := []))
+    x = torch.randn(100, 8, requires_grad=True)
+    w = torch.randn(16, 8, requires_grad=True)
+    gemm.linear(x, w).sum().backward()
+    assert len(calls) == 1  # the output only
+    kinds = sorted(k.split("|")[-1] for k in gemm.decisions())
+    assert kinds == ["128x8->16", "grad_input of 128x8->16", "grad_weight of 128x8->16"]
+    assert set(gemm.decisions().values()) == {"onednn", "default"}
+
+
+def _counting(f, calls):
+    def counted(*a, **k):
+        calls.append(1)
+        return f(*a, **k)
+    return counted
 
 
 def test_the_choice_is_measured_once_and_stored(fresh, monkeypatch):
