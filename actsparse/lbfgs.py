@@ -121,6 +121,7 @@ class LBFGS:
         self.stalled_at: int | None = None  # the iteration that found it (1-based)
         self.restarting = False  # the memory was emptied after a search without decrease
         self.aux: Any = None
+        self._has_aux = False  # aux is the output at the current point (not after a load_state_dict)
 
     # ---------------------------------------------------------------- flat views
     def _flat_grad(self) -> Tensor:
@@ -148,13 +149,16 @@ class LBFGS:
     def step(self, closure: Callable[[], tuple[Tensor, Any]]) -> float:
         """One L-BFGS iteration; returns the loss at the accepted point."""
         if self.stalled and self.f is not None:  # no decrease along -grad f last time: nothing left to do
+            if not self._has_aux:  # a reloaded state: the output at the point, which the caller reads
+                self.f, self.g, self.aux = self._evaluate(closure)
+                self._has_aux = True
             self.iterations += 1
             return self.f
         if self.f is None:
             self.f, self.g, _ = self._evaluate(closure)
         # The output at the current point (a full batch's reconstruction and code, the size of the
         # data or more) is not needed past here: the step's output is the accepted trial's.
-        self.aux = None
+        self.aux, self._has_aux = None, False
         f, g = self.f, self.g
         m = len(self.order)
         if self.restarting:  # the memory was emptied: -H0 g with its last gamma (N&W eq. 7.20), a full step
@@ -199,7 +203,7 @@ class LBFGS:
                 t, last_bad = t * 0.1, bad.aux
         else:
             self._set_params(x0)
-            self.aux = last_bad
+            self.aux, self._has_aux = last_bad, True
             return float("nan")
         t = float(t)
         if t == 0.0:  # no decrease along d: the point stays; restart from -grad f, or stop if that was it
@@ -208,6 +212,7 @@ class LBFGS:
             self.restarting = bool(self.order)
             self.order.clear()
             self.f, self.g, self.aux = self._evaluate(closure)  # x0's values again, and its output
+            self._has_aux = True
             self.iterations += 1
             if self.stalled and self.stalled_at is None:
                 self.stalled_at = self.iterations
@@ -218,6 +223,7 @@ class LBFGS:
         self._remember(d.mul(t), g_new - g)
         self.restarting = False
         self.f, self.g, self.aux = float(f_new), g_new, kept[t]
+        self._has_aux = True
         self.iterations += 1
         return self.f
 
@@ -276,3 +282,4 @@ class LBFGS:
         self.stalled = bool(state.get("stalled", False))
         self.stalled_at = state.get("stalled_at")
         self.restarting = bool(state.get("restarting", False))
+        self.aux, self._has_aux = None, False

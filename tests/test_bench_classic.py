@@ -168,7 +168,7 @@ def test_lbfgs_restarts_then_stops_when_no_step_lowers_the_loss():
     def closure():
         loss = _quantised_quadratic(x)
         loss.backward()
-        return loss, None
+        return loss, x.detach().clone()  # the output: the point it was evaluated at
 
     for _ in range(200):
         had_memory, before = bool(opt.order), opt.evaluations
@@ -185,11 +185,14 @@ def test_lbfgs_restarts_then_stops_when_no_step_lowers_the_loss():
     # the state carries it: a reloaded optimiser evaluates nothing either, until the objective changes
     again = LBFGS([x], history=10)
     again.load_state_dict(opt.state_dict())
+    again.step(closure)  # one evaluation, for the output at the point (a reloaded state has none)
+    assert again.evaluations == opt.evaluations + 1 and again.stalled_at == opt.stalled_at
+    assert torch.equal(again.aux, x.detach()) and again.f == opt.f
     again.step(closure)
-    assert again.evaluations == opt.evaluations and again.stalled_at == opt.stalled_at
+    assert again.evaluations == opt.evaluations + 1  # and then nothing
     again.objective_changed()
     again.step(closure)
-    assert again.evaluations > opt.evaluations  # a changed objective is evaluated and searched again
+    assert again.evaluations > opt.evaluations + 1  # a changed objective is evaluated and searched again
 
 
 def test_a_stalled_run_ends_where_it_stalled():
@@ -213,3 +216,22 @@ def test_the_cli_says_where_l_bfgs_stalled(tmp_path, capsys):
     m = json.loads((tmp_path / "classic" / "metrics.json").read_text())
     assert 0 < m["lbfgs_stalled_at"] < 600  # 367 when measured
     assert f"L-BFGS stopped improving at step {m['lbfgs_stalled_at']}:" in capsys.readouterr().out
+
+
+def test_a_stalled_run_resumes_to_the_weights_of_one_run(tmp_path, capsys):
+    """A checkpoint written after the stall holds a stalled optimiser: the resumed run takes its
+    later steps without moving (it crashed before: the reloaded optimiser had no output to log)."""
+    from actsparse.cli import main
+
+    common = ["--samples", "300", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    assert main(["train", *common, "--iterations", "400", "--name", "cut"]) == 0
+    assert main(["train", "--resume", "--iterations", "600", "--no-plots", "--no-progress", "--out", str(tmp_path),
+                 "--name", "cut"]) == 0
+    assert main(["train", *common, "--iterations", "600", "--name", "whole"]) == 0
+    from safetensors.torch import load_file
+
+    cut, whole = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("cut", "whole"))
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in cut)
+    m = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("cut", "whole")}
+    assert m["cut"]["lbfgs_stalled_at"] == m["whole"]["lbfgs_stalled_at"] < 400
+    assert m["cut"]["steps"] == m["whole"]["steps"] == 600
