@@ -23,7 +23,9 @@ chosen the same way on its own shape: the output ``x Wᵀ``, the input's gradien
 weight's gradient ``gᵀ x``, the last two timed with the transposed copies oneDNN needs. A
 product whose choice is the default runs as ``F.linear``'s own backward would (``g.mm(W)``,
 ``g.t().mm(x)``). Under ``create_graph`` (a gradient of a gradient), the backward takes those
-default products, which autograd can differentiate again.
+default products, which autograd can differentiate again. The weight's gradient keeps the
+default when its copies would pass :data:`COPY_LIMIT` (a full batch: they would hold the layer's
+input twice), and a batch over :data:`MEASURE_ROWS` rows is timed on that many.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ PATHS = ("default", "onednn")
 
 #: oneDNN must beat the default by this factor to be chosen (a tie keeps the default).
 MIN_GAIN = 1.1
+
+#: The most rows a measurement times (a bigger batch is timed on this many).
+MEASURE_ROWS = 16384
+
+#: A gradient product takes oneDNN only if the transposed copies it needs stay under this many
+#: bytes: a full-batch layer (L-BFGS on 10⁵ rows) would otherwise copy its whole input again.
+COPY_LIMIT = 64 * 2**20
 
 _memo: dict[str, str] = {}
 
@@ -87,6 +96,7 @@ def _measure(batch: int, d_in: int, d_out: int, repeats: int = 5, kind: str = "f
     """Median seconds of each path of the product ``kind`` of a ``(batch, d_in) -> (batch, d_out)``
     linear layer, on random float32 data, interleaved."""
     g = torch.Generator().manual_seed(0)
+    batch = min(batch, MEASURE_ROWS)  # each row costs alike past this: a full batch of 10⁵ rows is not timed whole
     x, w, b = (torch.randn(*s, generator=g) for s in ((batch, d_in), (d_out, d_in), (d_out,)))
     grad = torch.randn(batch, d_out, generator=g)
     run = {"forward": lambda p: _run(p, x, w, b), "grad_input": lambda p: _grad_input(p, grad, w),
@@ -203,9 +213,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                or (bias is not None and bias.requires_grad))
     if needs_graph:
+        copies = 4 * batch * (d_in + d_out)  # grad_weight's transposed g and x (grad_input's W is small)
         paths = (choose(batch, d_in, d_out),
                  choose(batch, d_in, d_out, "grad_input") if x.requires_grad else "default",
-                 choose(batch, d_in, d_out, "grad_weight") if weight.requires_grad else "default")
+                 choose(batch, d_in, d_out, "grad_weight") if weight.requires_grad and copies <= COPY_LIMIT
+                 else "default")
         if "onednn" in paths:
             return _Linear.apply(x, weight, bias, paths)
         return F.linear(x, weight, bias)

@@ -168,3 +168,22 @@ def test_sparse_topk_sae_matches_the_dense_reference_on_each_path(fresh, monkeyp
     assert torch.allclose(rs, rd, atol=1e-5)
     for n in gd:
         assert torch.allclose(gs[n], gd[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_a_full_batch_is_timed_on_a_slice_and_keeps_its_input_uncopied(fresh, monkeypatch):
+    """A 10⁶-row layer is timed on MEASURE_ROWS rows (timing it whole took 25 s and a copy of the
+    data), and its weight gradient stays with torch's mm, which needs no transposed copy."""
+    shapes = []
+    randn = torch.randn
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn", lambda *size, **kw: shapes.append(size) or randn(*size, **kw))
+        for kind in gemm.KINDS:
+            gemm._measure(10**6, 8, 4, repeats=1, kind=kind)
+    assert max(s[0] for s in shapes) == gemm.MEASURE_ROWS
+    monkeypatch.setattr(gemm, "_measure", lambda *a, **k: {"default": 2.0, "onednn": 1.0})  # oneDNN faster
+    w = torch.randn(4, 8, requires_grad=True)
+    over = gemm.COPY_LIMIT // (4 * (8 + 4)) + 1  # rows whose transposed copies pass the limit
+    gemm.linear(torch.randn(over, 8), w).sum().backward()
+    assert not any("grad_weight" in k for k in gemm.decisions())  # not even measured
+    gemm.linear(torch.randn(1000, 8), w).sum().backward()
+    assert any("grad_weight of 1024x8->4" in k for k in gemm.decisions())  # under it: chosen as usual
