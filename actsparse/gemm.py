@@ -64,7 +64,9 @@ def onednn_available() -> bool:
 
 
 def _onednn(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    """oneDNN's ``x wᵀ + b``; it takes contiguous operands (a copy of any that is not)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(),
+                                              "none", [], "")
 
 
 def _run(path: str, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -77,12 +79,12 @@ KINDS = ("forward", "grad_input", "grad_weight")
 
 def _grad_input(path: str, g: Tensor, w: Tensor) -> Tensor:
     """``g W``: ``(batch, d_out) @ (d_out, d_in)``."""
-    return _onednn(g, w.t().contiguous(), None) if path == "onednn" else g.mm(w)
+    return _onednn(g, w.t(), None) if path == "onednn" else g.mm(w)
 
 
 def _grad_weight(path: str, g: Tensor, x: Tensor) -> Tensor:
     """``gᵀ x``: ``(d_out, batch) @ (batch, d_in)``."""
-    return _onednn(g.t().contiguous(), x.t().contiguous(), None) if path == "onednn" else g.t().mm(x)
+    return _onednn(g.t(), x.t(), None) if path == "onednn" else g.t().mm(x)
 
 
 def _key(batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
@@ -119,6 +121,11 @@ def _cache_file() -> Path:
     return cache_root() / "gemm.json"
 
 
+def _faster(seconds: dict[str, float]) -> str:
+    """oneDNN if its time is at least :data:`MIN_GAIN` times shorter, else the default."""
+    return "onednn" if seconds["default"] >= MIN_GAIN * seconds["onednn"] else "default"
+
+
 def _decide(key: str, batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
     """The choice stored for ``key``, or a new measurement stored under a lock."""
     path = _cache_file()
@@ -137,16 +144,15 @@ def _decide(key: str, batch: int, d_in: int, d_out: int, kind: str = "forward") 
             entry = stored.get(key)
             if isinstance(entry, dict) and entry.get("path") in PATHS:
                 return entry["path"]
-            t = _measure(batch, d_in, d_out, kind=kind) if kind != "forward" else _measure(batch, d_in, d_out)
-            choice = "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
+            t = _measure(batch, d_in, d_out, kind=kind)
+            choice = _faster(t)
             stored[key] = {"path": choice, "seconds": t}
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             tmp.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
             os.replace(tmp, path)
             return choice
     except (OSError, ImportError):  # no writable cache (or no fcntl): measure, keep it for this process
-        t = _measure(batch, d_in, d_out, kind=kind) if kind != "forward" else _measure(batch, d_in, d_out)
-        return "onednn" if t["default"] >= MIN_GAIN * t["onednn"] else "default"
+        return _faster(_measure(batch, d_in, d_out, kind=kind))
 
 
 def choose(batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
@@ -162,7 +168,7 @@ def choose(batch: int, d_in: int, d_out: int, kind: str = "forward") -> str:
         return "default"
     key = _key(batch, d_in, d_out, kind)
     if key not in _memo:
-        _memo[key] = _decide(key, batch, d_in, d_out, kind) if kind != "forward" else _decide(key, batch, d_in, d_out)
+        _memo[key] = _decide(key, batch, d_in, d_out, kind)
     return _memo[key]
 
 
@@ -178,16 +184,13 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, paths: tuple[str, str, str]) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, w)
         ctx.paths, ctx.has_bias = paths, b is not None
-        if paths[0] == "onednn":
-            return _onednn(x.contiguous(), w.contiguous(), None if b is None else b.contiguous())
-        return F.linear(x, w, b)
+        return _run(paths[0], x, w, b)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, w = ctx.saved_tensors
         twice = torch.is_grad_enabled()  # create_graph: products autograd can differentiate again
         _, p_in, p_w = ("default",) * 3 if twice else ctx.paths
-        g = g.contiguous() if "onednn" in (p_in, p_w) else g
         gx = _grad_input(p_in, g, w) if ctx.needs_input_grad[0] else None
         gw = _grad_weight(p_w, g, x) if ctx.needs_input_grad[1] else None
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -218,9 +221,5 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                  choose(batch, d_in, d_out, "grad_input") if x.requires_grad else "default",
                  choose(batch, d_in, d_out, "grad_weight") if weight.requires_grad and copies <= COPY_LIMIT
                  else "default")
-        if "onednn" in paths:
-            return _Linear.apply(x, weight, bias, paths)
-        return F.linear(x, weight, bias)
-    if choose(batch, d_in, d_out) == "onednn":
-        return _onednn(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
-    return F.linear(x, weight, bias)
+        return _Linear.apply(x, weight, bias, paths) if "onednn" in paths else F.linear(x, weight, bias)
+    return _run(choose(batch, d_in, d_out), x, weight, bias)

@@ -117,8 +117,7 @@ class LBFGS:
         self.g: Tensor | None = None
         self.iterations = 0
         self.evaluations = 0
-        self.stalled = False  # no decrease along -H0 grad f either: later steps evaluate nothing
-        self.stalled_at: int | None = None  # the iteration that found it (1-based)
+        self.stalled_at: int | None = None  # the iteration that found no decrease along -H0 grad f (1-based)
         self.restarting = False  # the memory was emptied after a search without decrease
         self.aux: Any = None
         self._has_aux = False  # aux is the output at the current point (not after a load_state_dict)
@@ -145,10 +144,16 @@ class LBFGS:
         self.evaluations += 1
         return float(loss.detach()), self._flat_grad(), aux
 
+    @property
+    def stalled(self) -> bool:
+        """Whether a search along −H₀∇f found no decrease (:attr:`stalled_at` is set): later steps
+        evaluate nothing, until :meth:`objective_changed`."""
+        return self.stalled_at is not None
+
     # ---------------------------------------------------------------- the iteration
     def step(self, closure: Callable[[], tuple[Tensor, Any]]) -> float:
         """One L-BFGS iteration; returns the loss at the accepted point."""
-        if self.stalled and self.f is not None:  # no decrease along -grad f last time: nothing left to do
+        if self.stalled and self.f is not None:  # no decrease along -H0 grad f: nothing left to do
             if not self._has_aux:  # a reloaded state: the output at the point, which the caller reads
                 self.f, self.g, self.aux = self._evaluate(closure)
                 self._has_aux = True
@@ -208,13 +213,12 @@ class LBFGS:
         t = float(t)
         if t == 0.0:  # no decrease along d: the point stays; restart from -grad f, or stop if that was it
             self._set_params(x0)
-            self.stalled = not self.order
             self.restarting = bool(self.order)
             self.order.clear()
             self.f, self.g, self.aux = self._evaluate(closure)  # x0's values again, and its output
             self._has_aux = True
             self.iterations += 1
-            if self.stalled and self.stalled_at is None:
+            if not self.restarting:  # that was the search along -H0 grad f
                 self.stalled_at = self.iterations
             return self.f
         self._set_params(torch.add(x0, d, alpha=t))  # the accepted point, bit for bit as evaluated
@@ -233,7 +237,7 @@ class LBFGS:
         gradient, so that its line search compares values of one objective. The curvature pairs
         are kept (the coefficient moves a few percent a step)."""
         self.f = self.g = None
-        self.stalled, self.stalled_at = False, None
+        self.stalled_at = None
 
     def _remember(self, s_new: Tensor, y_new: Tensor) -> None:
         ys = float(s_new.dot(y_new))
@@ -259,7 +263,7 @@ class LBFGS:
         return {"kind": "actsparse.LBFGS", "history": self.history, "s": self.s[:m].clone(),
                 "y": self.y[:m].clone(), "a": self.a[:m, :m].clone(), "order": list(self.order),
                 "gamma": self.gamma, "f": self.f, "g": None if self.g is None else self.g.clone(),
-                "iterations": self.iterations, "evaluations": self.evaluations, "stalled": self.stalled,
+                "iterations": self.iterations, "evaluations": self.evaluations,
                 "stalled_at": self.stalled_at, "restarting": self.restarting}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -279,7 +283,6 @@ class LBFGS:
         self.a[:m, :m] = state["a"]
         self.gamma, self.f, self.g = state["gamma"], state["f"], state["g"]
         self.iterations, self.evaluations = state["iterations"], state["evaluations"]
-        self.stalled = bool(state.get("stalled", False))
         self.stalled_at = state.get("stalled_at")
         self.restarting = bool(state.get("restarting", False))
         self.aux, self._has_aux = None, False

@@ -129,10 +129,8 @@ def test_adam_weights_equal_a_plain_loop_on_a_copied_split():
     assert _same_state(_state(train(cfg, x).model), _reference_adam(cfg, x))
 
 
-def _with_copied_splits(monkeypatch):
-    """Make ``train`` hold copies of its splits, as it did before (the tensor path of the loop)."""
-    init = _Run.__init__
-
+def _copying(init):
+    """``_Run.__init__`` made to hold copies of its splits, as it did before (the tensor path of the loop)."""
     def copying_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         for name in ("x_train", "x_val"):
@@ -140,7 +138,12 @@ def _with_copied_splits(monkeypatch):
             if isinstance(rows, IndexedRows):
                 setattr(self, name, rows.tensor())
 
-    monkeypatch.setattr(_Run, "__init__", copying_init)
+    return copying_init
+
+
+def _with_copied_splits(monkeypatch):
+    """Make ``train`` hold copies of its splits."""
+    monkeypatch.setattr(_Run, "__init__", _copying(_Run.__init__))
 
 
 @pytest.mark.parametrize("extra", [
@@ -213,16 +216,11 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
 from actsparse.config import TrainConfig
-from actsparse.data import IndexedRows
 from actsparse.train import _Run, train
 if sys.argv[2] == "copied":  # the splits as copies, as train held them before: the measure must see them
-    init = _Run.__init__
-    def copying_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        for name in ("x_train", "x_val"):
-            if isinstance(getattr(self, name), IndexedRows):
-                setattr(self, name, getattr(self, name).tensor())
-    _Run.__init__ = copying_init
+    sys.path.insert(0, sys.argv[3])
+    from test_data_memory import _copying
+    _Run.__init__ = _copying(_Run.__init__)
 cfg = TrainConfig(hidden=16, activation="relu", decoder="linear", penalty="l1", weight=1e-3, optimizer="adam",
                   epochs=1, batch_size=4096, validation=0.2, plots=False, progress=False, checkpoint_every=0)
 train(cfg, torch.randn(5000, 64))  # the imports, kernels and optimiser modules of a run, before measuring
@@ -242,8 +240,8 @@ def _peak_rise(rows: int, splits: str = "rows") -> dict:
     once: the peak is then what the run held at one time, not what the allocator's free lists happened to
     keep (which moved the figure by 10-20 MiB between runs and machines, and failed CI once)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20 + 1)}
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(rows), splits], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(rows), splits, str(Path(__file__).parent)],
+                         capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -121,7 +121,7 @@ def _counting(f, calls):
 def test_the_choice_is_measured_once_and_stored(fresh, monkeypatch):
     calls = []
 
-    def measured(batch, d_in, d_out, repeats=5):
+    def measured(batch, d_in, d_out, repeats=5, kind="forward"):
         calls.append((batch, d_in, d_out))
         return {"default": 2.0, "onednn": 1.0}  # oneDNN 2x faster
 

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .. import gemm
+
 __all__ = ["SparseCode", "gathered_dots", "gathered_linear", "scatter_outer", "sparse_decode", "topk_linear",
            "topk_rows", "TOPK_CHUNK", "SCREENS"]
 
@@ -303,10 +305,8 @@ TOPK_CHUNK = 512
 def _linear_bf16(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x wᵀ + b`` in bfloat16: through oneDNN on the CPU where it is there (on the EPYC of
     docs/benchmarks.md 6 ms for 512 × 512 × 8192, against 12 ms for ``F.linear``'s bf16 path)."""
-    from ..gemm import onednn_available
-
-    if x.device.type == "cpu" and onednn_available():
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    if x.device.type == "cpu" and gemm.onednn_available():
+        return gemm._onednn(x, w, b)
     return F.linear(x, w, b)
 
 
@@ -337,8 +337,6 @@ def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, chunk: i
         ``values`` ``(batch, k)`` (x's dtype) and ``indices`` ``(batch, k)`` int64, in no particular
         order within a row: with ``exact``, the same sets as ``(x Wᵀ + b).topk(k, sorted=False)``.
     """
-    from ..gemm import linear
-
     if screen not in SCREENS:
         raise ValueError(f"screen must be one of {', '.join(SCREENS)}, got {screen!r}")
     batch, chunk = x.shape[0], chunk or TOPK_CHUNK
@@ -353,8 +351,8 @@ def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, chunk: i
         return (values, indices) if bias is None else (values + bias[indices], indices)
     values = x.new_empty(batch, k)
     for start in range(0, batch, chunk):
-        values[start:start + chunk], indices[start:start + chunk] = topk_rows(linear(x[start:start + chunk], weight,
-                                                                                    bias), k)
+        part = gemm.linear(x[start:start + chunk], weight, bias)
+        values[start:start + chunk], indices[start:start + chunk] = topk_rows(part, k)
     return values, indices
 
 
